@@ -1,0 +1,25 @@
+"""The only package that imports DeepSpeed (see DESIGN.md: OpenRLHF-style single owner)."""
+
+from bulwark.engine.core import (
+    Engine,
+    fill_ds_config,
+    merge_lora_state_dict,
+    peak_memory_bytes,
+    read_ds_config,
+)
+from bulwark.engine.dist import all_reduce_sum, barrier, broadcast_object, init_distributed, under_launcher
+from bulwark.engine.progress import RunLogger
+
+__all__ = [
+    "Engine",
+    "RunLogger",
+    "all_reduce_sum",
+    "barrier",
+    "broadcast_object",
+    "fill_ds_config",
+    "init_distributed",
+    "merge_lora_state_dict",
+    "peak_memory_bytes",
+    "read_ds_config",
+    "under_launcher",
+]

@@ -1,0 +1,25 @@
+"""Pad a list of tokenized features into one batch."""
+
+from __future__ import annotations
+
+import torch
+
+from bulwark.data.templates import IGNORE_INDEX
+
+
+def pad_collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad input_ids with pad_id and labels with IGNORE_INDEX; attention_mask is 1 on real tokens."""
+    if not features:
+        raise ValueError("pad_collate got no features")
+    longest = max(len(f["input_ids"]) for f in features)
+    input_ids = torch.full((len(features), longest), pad_id, dtype=torch.long)
+    labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        if len(f["labels"]) != n:
+            raise ValueError(f"feature {i}: {n} input_ids but {len(f['labels'])} labels")
+        input_ids[i, :n] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+        labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+        attention_mask[i, :n] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

@@ -1,0 +1,163 @@
+"""The hook protocol every defense answers, the view of the engine it gets, and the registry.
+
+A recipe owns the training loop; a defense only answers these calls (see docs/DESIGN.md):
+
+    for step in range(steps):                      # optimizer steps
+        for micro in range(grad_accum):
+            batch = defense.next_batch(streams, step)
+            loss = defense.loss(engine, batch)      # extra passes go through engine.module
+            engine.backward(loss)
+            engine.step()                           # at the boundary: defense.before_step(shards)
+        defense.after_step(engine, step + 1)
+    defense.state_dict()                            # saved per rank in every checkpoint
+
+`before_step` runs INSIDE `engine.step()`, from a pre-step hook on the inner torch optimizer: that is
+the first moment at which this rank's flat fp32 master shard holds its reduced, unscaled, clipped
+gradient under ZeRO-2/3 (before it, ZeRO-3 has no per-shard `.grad` at all). Defenses never import
+DeepSpeed: they see `TrainingView`, which the engine implements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from bulwark.errors import BulwarkInputError
+from bulwark.losses import model_loss
+
+
+class Stream(Protocol):
+    def next_batch(self) -> dict[str, torch.Tensor]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainingView(Protocol):
+    """What a defense may touch. Implemented by `bulwark.engine.Engine`."""
+
+    rank: int
+    world_size: int
+    module: torch.nn.Module  # the wrapped model, for extra (non-stepping) passes and forward hooks
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stepping pass, through the DeepSpeed engine."""
+        ...
+
+    def local_shards(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master partitions of the trainable weights, in a fixed order."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
+
+    def gathered(self, params: list[torch.nn.Parameter], modify: bool = False) -> AbstractContextManager:
+        """Full values of `params` inside the block (ZeRO-3 gathers; a no-op otherwise)."""
+        ...
+
+
+ShardIter = Iterator[tuple[int, torch.Tensor]]
+
+
+@dataclass
+class NoParams:
+    """Defenses without parameters."""
+
+
+class Defense:
+    """Plain SFT behaviour; defenses override what they change."""
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ("align", "finetune")
+    Config: ClassVar[type] = NoParams
+    # side streams the recipe must build for this defense, besides "main"
+    side_streams: ClassVar[tuple[str, ...]] = ()
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: Any, total_steps: int) -> None:
+        self.config = config
+        self.total_steps = total_steps
+
+    def attach(self, engine: TrainingView) -> None:
+        """Called once after the engine is built and before the first step (and before a resume)."""
+
+    def next_batch(self, streams: dict[str, Stream], step: int) -> dict[str, torch.Tensor]:
+        return streams["main"].next_batch()
+
+    def loss(self, engine: TrainingView, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return engine.forward_loss(batch)
+
+    def before_step(self, shards: ShardIter) -> None:
+        """Edit this rank's (shard index, fp32 master shard with .grad) before the optimizer steps."""
+
+    def after_step(self, engine: TrainingView, step: int) -> None:
+        """`step` optimizer steps are done."""
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+REGISTRY: dict[str, type[Defense]] = {}
+
+
+def register(cls: type[Defense]) -> type[Defense]:
+    if not cls.name or cls.name in REGISTRY:
+        raise ValueError(f"defense name {cls.name!r} empty or registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def build_defense(spec: dict[str, Any], stage: str, total_steps: int) -> Defense:
+    """`spec` is the config's `defense` section: {"name": ..., params...}. Unknown keys are errors."""
+    from bulwark.config import build_dataclass  # config imports nothing from here; keep it one-way
+
+    params = dict(spec)
+    name = str(params.pop("name", "sft"))
+    if name not in REGISTRY:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(REGISTRY), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise BulwarkInputError(
+            f"unknown defense '{name}'{hint} (registered: {', '.join(sorted(REGISTRY))}; see `bulwark defenses`)"
+        )
+    cls = REGISTRY[name]
+    if stage and stage not in cls.stages:
+        raise BulwarkInputError(
+            f"defense '{name}' runs at stage {'/'.join(cls.stages)}, not '{stage}' (see `bulwark defenses`)"
+        )
+    config = build_dataclass(cls.Config, params, "defense")
+    return cls(config, total_steps)
+
+
+def describe() -> list[dict[str, Any]]:
+    """Name, stages, summary and parameters with defaults of every registered defense."""
+    rows = []
+    for name, cls in sorted(REGISTRY.items()):
+        params = {f.name: _default(f) for f in dataclasses.fields(cls.Config)}
+        rows.append({"name": name, "stages": list(cls.stages), "summary": cls.summary, "params": params})
+    return rows
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def plain_loss(module: torch.nn.Module) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """Loss of an extra pass through the bare module (never the engine: see DESIGN, multi-pass)."""
+    return lambda batch: model_loss(module, batch)

@@ -1,0 +1,365 @@
+"""The one module that drives DeepSpeed: initialize, backward/step, shard-local access, checkpoints, export.
+
+Defenses see this class only through `bulwark.defenses.base.TrainingView`; recipes call it directly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bulwark.config import TrainConfig
+from bulwark.engine.dist import all_reduce_sum, barrier, init_distributed
+from bulwark.errors import BulwarkInputError
+from bulwark.losses import model_loss
+
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+PreStepFn = Callable[[list[tuple[int, torch.Tensor]]], None]
+
+
+def resolve_ds_config(name: str) -> Path:
+    """A name in ds_configs/ ("zero3") or a path to a DeepSpeed JSON file."""
+    candidates = [Path(name), DS_CONFIG_DIR / name, DS_CONFIG_DIR / f"{name}.json"]
+    for path in candidates:
+        if path.is_file():
+            return path
+    known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
+    raise BulwarkInputError(f"launch.ds_config '{name}' not found (names: {', '.join(known)}, or a JSON path)")
+
+
+def read_ds_config(name: str) -> dict[str, Any]:
+    path = resolve_ds_config(name)
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BulwarkInputError(f"{path}:{exc.lineno}: DeepSpeed config is not valid JSON ({exc.msg})") from None
+    if not isinstance(raw, dict):
+        raise BulwarkInputError(f"{path}: DeepSpeed config must be a JSON object")
+    for section in ("optimizer", "scheduler"):
+        if section in raw:
+            raise BulwarkInputError(
+                f"{path}: remove the '{section}' section; bulwark builds it from train.* in the run config"
+            )
+    stage = raw.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (1, 2, 3):
+        raise BulwarkInputError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage})")
+    return raw
+
+
+def _explicit_int(raw: dict[str, Any], key: str) -> int | None:
+    value = raw.get(key, "auto")
+    return None if value == "auto" else int(value)
+
+
+def fill_ds_config(raw: dict[str, Any], train: TrainConfig, dtype: str, world_size: int) -> dict[str, Any]:
+    """Replace "auto" values from the run config; explicit values that contradict it are errors."""
+    cfg = json.loads(json.dumps(raw))
+    wanted = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
+    }
+    for key, value in wanted.items():
+        explicit = _explicit_int(cfg, key)
+        if explicit is not None and explicit != value:
+            raise BulwarkInputError(
+                f"ds_config {key} = {explicit} contradicts the run config ({value} from train.micro_batch_size="
+                f"{train.micro_batch_size}, train.grad_accum={train.grad_accum}, world size {world_size}); "
+                "set it to \"auto\""
+            )
+        cfg[key] = value
+    if cfg.get("gradient_clipping", "auto") == "auto":
+        cfg["gradient_clipping"] = train.max_grad_norm
+    bf16 = cfg.setdefault("bf16", {})
+    if bf16.get("enabled", "auto") == "auto":
+        bf16["enabled"] = dtype == "bf16"
+    if cfg.get("fp16", {}).get("enabled") is True:
+        raise BulwarkInputError("ds_config: fp16 is not supported; use model.dtype=bf16 or fp32")
+    zero = cfg.setdefault("zero_optimization", {})
+    on_cpu = not torch.cuda.is_available()
+    auto_values = {
+        "reduce_bucket_size": 5e7,
+        "allgather_bucket_size": 5e7,
+        "stage3_prefetch_bucket_size": 5e7,
+        # 0 on CPU so that even tiny test models are really partitioned; DeepSpeed's default on GPU.
+        "stage3_param_persistence_threshold": 0 if on_cpu else 1e5,
+    }
+    for key, value in auto_values.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    # torch AdamW / SGD: compiles nothing (DeepSpeed's fused and CPU Adam build C++ on first use).
+    cfg["zero_allow_untested_optimizer"] = True
+    cfg.setdefault("steps_per_print", 1_000_000)
+    return cfg
+
+
+def lr_lambda(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if train.warmup_steps and step < train.warmup_steps:
+            return (step + 1) / train.warmup_steps
+        if train.lr_schedule == "cosine":
+            span = max(1, total_steps - train.warmup_steps)
+            progress = min(1.0, (step - train.warmup_steps) / span)
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+class Engine:
+    """A DeepSpeed ZeRO-2/3 engine with the narrow view defenses need."""
+
+    def __init__(
+        self,
+        build_model: Callable[[], torch.nn.Module],
+        train: TrainConfig,
+        ds_config: str,
+        dtype: str,
+        total_steps: int,
+    ) -> None:
+        import deepspeed
+
+        self.rank, self.world_size, self.local_rank = init_distributed()
+        self.train = train
+        self.ds_config = fill_ds_config(read_ds_config(ds_config), train, dtype, self.world_size)
+        self.zero_stage = int(self.ds_config["zero_optimization"]["stage"])
+        self._hf_ds_config = None
+        if self.zero_stage == 3:
+            # Alive while from_pretrained runs, so transformers loads under zero.Init: each rank only
+            # ever holds its own shard of a large model.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)
+        torch.manual_seed(train.seed)
+        model = build_model()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise BulwarkInputError("the model has no trainable parameters (check model.lora settings)")
+        if train.optimizer == "sgd":
+            optimizer = torch.optim.SGD(trainable, lr=train.lr, weight_decay=train.weight_decay)
+        else:
+            optimizer = torch.optim.AdamW(trainable, lr=train.lr, weight_decay=train.weight_decay)
+        schedule = lr_lambda(train, total_steps)
+        self.ds, _, _, self.scheduler = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
+            config=self.ds_config,
+            dist_init_required=False,
+        )
+        self.module: torch.nn.Module = self.ds.module
+        self._pre_step_fns: list[PreStepFn] = []
+        self._shard_index = {id(shard): i for i, shard in enumerate(self.local_shards())}
+        zero_optimizer = self.ds.optimizer
+        for inner in (zero_optimizer.optimizer, getattr(zero_optimizer, "backup_optimizer", None)):
+            if inner is not None:
+                inner.register_step_pre_hook(self._on_optimizer_step)
+
+    # ---- the view defenses get -------------------------------------------------------------------
+
+    def local_shards(self) -> list[torch.Tensor]:
+        zero_optimizer = self.ds.optimizer
+        if self.zero_stage == 3:
+            return list(zero_optimizer.fp32_partitioned_groups_flat)
+        return list(zero_optimizer.single_partition_of_fp32_groups)
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(name, p) for name, p in self.module.named_parameters() if p.requires_grad]
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        return all_reduce_sum(tensor)
+
+    def gathered(self, params: list[torch.nn.Parameter], modify: bool = False) -> AbstractContextManager:
+        if self.zero_stage != 3:
+            return nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+    def add_pre_step_hook(self, fn: PreStepFn) -> None:
+        self._pre_step_fns.append(fn)
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # ZeRO-3 may step one sub-group at a time: hand over only the shards present in this call.
+        present = [
+            (self._shard_index[id(p)], p)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if id(p) in self._shard_index and p.grad is not None
+        ]
+        for fn in self._pre_step_fns:
+            fn(present)
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return model_loss(self.ds, self.to_device(batch))
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.ds.device) for k, v in batch.items()}
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def step(self) -> None:
+        self.ds.step()
+
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+
+    def save_checkpoint(self, root: Path, step: int, client: dict[str, Any], per_rank: dict[str, Any]) -> None:
+        """Write `root/step_N`; `root/latest` moves only after every rank has finished writing."""
+        tag = f"step_{step:06d}"
+        barrier()
+        if self.rank == 0 and (root / tag).exists():
+            shutil.rmtree(root / tag)  # a half-written save of the same step from a crashed run
+        barrier()
+        client = {**client, "world_size": self.world_size, "step": step}
+        self.ds.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+        per_rank = {**per_rank, "rng": _rng_state()}
+        tmp = root / tag / f"bulwark_rank{self.rank}.pt.tmp"
+        torch.save(per_rank, tmp)
+        tmp.replace(tmp.with_suffix(""))
+        barrier()
+        if self.rank == 0:
+            latest_tmp = root / "latest.tmp"
+            latest_tmp.write_text(tag)
+            latest_tmp.replace(root / "latest")
+            tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+            for old in tags[: max(0, len(tags) - self.train.keep_checkpoints)]:
+                if old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+        barrier()
+
+    def load_checkpoint(self, root: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+        latest = root / "latest"
+        if not latest.is_file():
+            raise BulwarkInputError(f"--resume: no finished checkpoint under {root} (no 'latest' file)")
+        tag = latest.read_text().strip()
+        rank_file = root / tag / f"bulwark_rank{self.rank}.pt"
+        saved_world = _saved_world_size(root / tag)
+        if saved_world != self.world_size or not rank_file.is_file():
+            raise BulwarkInputError(
+                f"checkpoint {root / tag} was written by {saved_world} ranks; resume with launch.nproc="
+                f"{saved_world} (a ZeRO checkpoint cannot change world size: export it instead)"
+            )
+        meta = torch.load(rank_file, weights_only=False)
+        _, client = self.ds.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        _set_rng_state(meta.pop("rng"))
+        return client or {}, meta
+
+    # ---- export ----------------------------------------------------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The whole model's weights on rank 0 (None elsewhere); every rank must call it."""
+        if self.zero_stage == 3:
+            state = self.ds._zero3_consolidated_16bit_state_dict()
+        else:
+            state = self.module.state_dict() if self.rank == 0 else None
+        if self.rank != 0:
+            return None
+        return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+
+    def export(self, run_dir: Path, tokenizer: Any) -> None:
+        """`run_dir/model`: a plain HF folder (LoRA merged); with LoRA also `run_dir/adapter` (PEFT)."""
+        state = self.full_state_dict()
+        if self.rank == 0:
+            module = self.module
+            if hasattr(module, "peft_config"):
+                lora = module.peft_config["default"]
+                _atomic_dir(run_dir / "adapter", lambda d: module.save_pretrained(d, state_dict=state))
+                merged = merge_lora_state_dict(state, lora.lora_alpha / lora.r)
+                base = module.get_base_model()
+                _atomic_dir(run_dir / "model", lambda d: _save_hf(base, merged, tokenizer, d))
+            else:
+                _atomic_dir(run_dir / "model", lambda d: _save_hf(module, state, tokenizer, d))
+        barrier()
+
+
+def merge_lora_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """PEFT state dict -> plain model state dict with W <- W + scaling * B @ A."""
+    prefix = "base_model.model."
+    merged: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        name = key[len(prefix):] if key.startswith(prefix) else key
+        if ".base_layer." in name:
+            module_key = key[: key.index(".base_layer.")]
+            a = state.get(f"{module_key}.lora_A.default.weight")
+            b = state.get(f"{module_key}.lora_B.default.weight")
+            name = name.replace(".base_layer.", ".")
+            if a is not None and b is not None and name.endswith("weight"):
+                value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
+        merged[name] = value
+    return merged
+
+
+def _save_hf(module: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer: Any, folder: Path) -> None:
+    module.save_pretrained(folder, state_dict=state)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
+    """Write into target.tmp, then swap it in: a crash never leaves a half-written `target`."""
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _saved_world_size(tag_dir: Path) -> int:
+    return len(list(tag_dir.glob("bulwark_rank*.pt")))
+
+
+def _rng_state() -> dict[str, Any]:
+    import numpy as np
+
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory on GPU; peak resident set of this process on CPU."""
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def is_rank0() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0

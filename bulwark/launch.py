@@ -1,0 +1,82 @@
+"""Start a stage: validate in this process, then run in process (under torchrun/srun) or spawn torchrun.
+
+Validation happens before any rank starts so that bad input costs one clear line and exit code 2,
+with nothing written to the output folder, instead of N ranks printing N tracebacks.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+from bulwark.errors import BulwarkInputError
+
+STAGES = ("align", "finetune")
+
+
+def validate(stage: str, config: str | None, overrides: list[str], resume: bool, overwrite: bool) -> int:
+    """Everything that can be checked without starting DeepSpeed; returns launch.nproc."""
+    from pathlib import Path
+
+    from bulwark import models
+    from bulwark.config import load_config
+    from bulwark.defenses import build_defense
+    from bulwark.engine import fill_ds_config, read_ds_config
+    from bulwark.recipes.loop import check_run_dir
+
+    cfg = load_config(config, overrides, stage)
+    defense = build_defense(cfg.defense, stage, cfg.train.steps)
+    check_run_dir(Path(cfg.out_dir), resume, overwrite)
+    fill_ds_config(read_ds_config(cfg.launch.ds_config), cfg.train, cfg.model.dtype, cfg.launch.nproc)
+    models.resolve_model_path(models.base_of(cfg.model.name))  # converts the embedded model once, here
+    recipe = importlib.import_module(f"bulwark.recipes.{stage}")
+    recipe.build_plan(cfg, defense)  # reads and checks every data file the ranks will read
+    return cfg.launch.nproc
+
+
+def recipe_argv(
+    config: str | None, overrides: list[str], resume: bool, overwrite: bool, stop_after: int
+) -> list[str]:
+    argv = ([config] if config else []) + list(overrides)
+    if resume:
+        argv.append("--resume")
+    if overwrite:
+        argv.append("--overwrite")
+    if stop_after:
+        argv += ["--stop-after", str(stop_after)]
+    return argv
+
+
+def launch(
+    stage: str,
+    config: str | None,
+    overrides: list[str],
+    resume: bool = False,
+    overwrite: bool = False,
+    stop_after: int = 0,
+) -> int:
+    """Returns the exit code: 0 done, 2 bad input, other = a rank failed."""
+    if stage not in STAGES:
+        raise BulwarkInputError(f"unknown stage '{stage}' (one of {', '.join(STAGES)})")
+    nproc = validate(stage, config, overrides, resume, overwrite)
+    argv = recipe_argv(config, overrides, resume, overwrite, stop_after)
+    if "LOCAL_RANK" in os.environ or "SLURM_PROCID" in os.environ:
+        importlib.import_module(f"bulwark.recipes.{stage}").main(argv)
+        return 0
+    from bulwark.engine.dist import free_port
+
+    cfg_port = next((o.split("=", 1)[1] for o in overrides if o.startswith("launch.master_port=")), "0")
+    port = int(cfg_port) or free_port()
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run",
+        "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
+        "-m", f"bulwark.recipes.{stage}", *argv,
+    ]
+    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    import torch
+
+    if torch.cuda.is_available():
+        env.pop("DS_ACCELERATOR")
+    return subprocess.call(cmd, env=env)

@@ -1,0 +1,28 @@
+"""`bulwark align`: safety alignment of the base model on refusal data, under an alignment defense.
+
+    python -m bulwark.recipes.align CONFIG [key=value ...] [--resume] [--overwrite]
+"""
+
+from __future__ import annotations
+
+from bulwark.config import Config
+from bulwark.defenses import Defense
+from bulwark.recipes.loop import StagePlan, run_stage
+from bulwark.recipes.streams import alignment_rows, harmful_rows
+
+
+def build_plan(cfg: Config, defense: Defense) -> StagePlan:
+    streams = {"main": alignment_rows(cfg)}
+    if "harmful" in defense.side_streams:
+        streams["harmful"] = harmful_rows(cfg, cfg.data.align_n)
+    if "align" in defense.side_streams:
+        streams["align"] = streams["main"]
+    return StagePlan(streams)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_stage("align", argv, build_plan)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The training loop every stage runs, and the run-folder rules around it.
+
+A stage recipe (align.py, finetune.py) decides which rows form which stream; this file owns the
+rest, top to bottom: validate -> run folder -> engine -> streams -> resume -> loop -> export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bulwark.config import Config, load_config, write_config
+from bulwark.data import DistributedStream, Example, tokenize_example
+from bulwark.defenses import Defense, build_defense
+from bulwark.errors import BulwarkInputError
+
+
+@dataclass
+class StagePlan:
+    """What a stage recipe hands to the loop: the rows of every stream and files for the run folder."""
+
+    streams: dict[str, list[Example]]
+    writers: dict[str, Callable[[Path], None]] = field(default_factory=dict)  # run-folder file -> writer
+
+
+def parse_args(argv: list[str] | None, stage: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"python -m bulwark.recipes.{stage}")
+    parser.add_argument("config", nargs="?", default=None)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--stop-after", type=int, default=0, help="stop after this many optimizer steps")
+    args = parser.parse_args(argv)
+    if args.config is not None and "=" in args.config:  # no YAML file, only overrides
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
+    """An existing run is never overwritten by accident; --resume needs a finished checkpoint."""
+    if resume:
+        if not (out_dir / "checkpoints" / "latest").is_file():
+            raise BulwarkInputError(f"--resume: {out_dir} has no finished checkpoint (checkpoints/latest)")
+        return
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise BulwarkInputError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume")
+
+
+def tokenize_streams(plan: StagePlan, tokenizer: Any, cfg: Config) -> dict[str, list[dict]]:
+    return {
+        name: [tokenize_example(ex, tokenizer, cfg.data.template, cfg.data.max_length) for ex in rows]
+        for name, rows in plan.streams.items()
+    }
+
+
+def run_stage(stage: str, argv: list[str] | None, build_plan: Any) -> None:
+    """Entry point of `python -m bulwark.recipes.<stage>` in every rank (under torchrun or srun)."""
+    args = parse_args(argv, stage)
+    try:
+        train(stage, args, build_plan)
+    except BulwarkInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
+    from bulwark import models
+    from bulwark.engine import (
+        Engine,
+        RunLogger,
+        barrier,
+        fill_ds_config,
+        init_distributed,
+        peak_memory_bytes,
+        read_ds_config,
+    )
+
+    cfg = load_config(args.config, args.overrides, stage)
+    out_dir = Path(cfg.out_dir)
+    defense = build_defense(cfg.defense, stage, cfg.train.steps)
+    check_run_dir(out_dir, args.resume, args.overwrite)
+    tokenizer = models.load_tokenizer(models.base_of(cfg.model.name))
+    plan = build_plan(cfg, defense)
+    missing = [s for s in ("main", *defense.side_streams) if s not in plan.streams]
+    if missing:
+        raise BulwarkInputError(f"stage {stage} builds no '{missing[0]}' stream for defense {cfg.defense['name']}")
+    features = tokenize_streams(plan, tokenizer, cfg)
+
+    rank, world_size, _ = init_distributed()
+    fill_ds_config(read_ds_config(cfg.launch.ds_config), cfg.train, cfg.model.dtype, world_size)
+    if rank == 0 and not args.resume:
+        if out_dir.exists() and args.overwrite:
+            shutil.rmtree(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_config(cfg, out_dir / "config.yaml")
+        for name, write in plan.writers.items():
+            write(out_dir / name)
+    barrier()
+
+    engine = Engine(
+        lambda: models.build_trainable(cfg.model),
+        cfg.train,
+        cfg.launch.ds_config,
+        cfg.model.dtype,
+        cfg.train.steps,
+    )
+    streams = {
+        name: DistributedStream(
+            rows, cfg.train.micro_batch_size, rank, world_size, cfg.data.seed + i, tokenizer.pad_token_id, name
+        )
+        for i, (name, rows) in enumerate(features.items())
+    }
+    defense.attach(engine)
+    engine.add_pre_step_hook(defense.before_step)
+
+    ckpt_root = out_dir / "checkpoints"
+    start = 0
+    if args.resume:
+        client, per_rank = engine.load_checkpoint(ckpt_root)
+        start = int(client["step"])
+        for name, state in client["streams"].items():
+            streams[name].load_state_dict(state)
+        defense.load_state_dict(per_rank["defense"])
+
+    logger = RunLogger(out_dir / "metrics.jsonl", rank, cfg.train.steps, start, title=f"{stage}:{defense.name}")
+    stop_at = min(cfg.train.steps, args.stop_after) if args.stop_after else cfg.train.steps
+    for step in range(start, stop_at):
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(1)
+        for _ in range(cfg.train.grad_accum):
+            batch = engine.to_device(defense.next_batch(streams, step))
+            loss = defense.loss(engine, batch)
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.detach().float().cpu()
+        defense.after_step(engine, step + 1)
+        loss_mean = engine.all_reduce_sum(loss_sum).item() / (cfg.train.grad_accum * world_size)
+        logger.log(
+            step + 1,
+            {"loss": loss_mean, "lr": engine.lr(), "step_s": time.perf_counter() - t0, **defense.metrics()},
+        )
+        every = cfg.train.checkpoint_every
+        if every and ((step + 1) % every == 0 or step + 1 == stop_at):
+            save(engine, ckpt_root, step + 1, streams, defense)
+    logger.close(peak_memory_bytes())
+
+    if stop_at == cfg.train.steps:
+        engine.export(out_dir, tokenizer)
+        if rank == 0:
+            (out_dir / "DONE").write_text(json.dumps({"steps": cfg.train.steps, "stage": stage}))
+    barrier()
+
+
+def save(engine: Any, root: Path, step: int, streams: dict[str, DistributedStream], defense: Defense) -> None:
+    client = {"streams": {name: s.state_dict() for name, s in streams.items()}}
+    engine.save_checkpoint(root, step, client, {"defense": defense.state_dict()})

@@ -1,0 +1,101 @@
+"""The `bulwark` command. Commands parse, validate and launch; heavy imports happen inside them so
+that `bulwark --help` stays fast."""
+
+from __future__ import annotations
+
+import typer
+
+from bulwark.errors import BulwarkInputError
+
+app = typer.Typer(
+    help="Bulwark: keep a model safe while strangers fine-tune it (align -> finetune -> recover -> eval).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+CONFIG_HELP = "YAML run config (optional); then key=value overrides, e.g. train.steps=10 defense.name=lisa"
+
+
+def fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _run_stage(stage: str, config: str | None, overrides: list[str] | None, resume: bool, overwrite: bool,
+               stop_after: int) -> None:
+    from bulwark.launch import launch
+
+    overrides = list(overrides or [])
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    try:
+        code = launch(stage, config, overrides, resume=resume, overwrite=overwrite, stop_after=stop_after)
+    except BulwarkInputError as exc:
+        fail(str(exc))
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def align(
+    config: str = typer.Argument(None, help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run folder's last checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
+    stop_after: int = typer.Option(0, "--stop-after", help="stop after N optimizer steps (a preemption drill)"),
+) -> None:
+    """Align the base model on refusal data (defense.name=sft|vaccine|booster|repnoise|...)."""
+    _run_stage("align", config, overrides, resume, overwrite, stop_after)
+
+
+@app.command()
+def finetune(
+    config: str = typer.Argument(None, help=CONFIG_HELP),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the run folder's last checkpoint"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
+    stop_after: int = typer.Option(0, "--stop-after", help="stop after N optimizer steps (a preemption drill)"),
+) -> None:
+    """Fine-tune on a user upload with p*n harmful rows (defense.name=sft is the attack; lisa defends)."""
+    _run_stage("finetune", config, overrides, resume, overwrite, stop_after)
+
+
+@app.command()
+def defenses() -> None:
+    """List the registered defenses: name, stage, parameters with defaults."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bulwark.defenses import describe
+
+    table = Table("name", "stages", "parameters (defaults)", "what it does")
+    for row in describe():
+        params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "-"
+        table.add_row(row["name"], "/".join(row["stages"]), params, row["summary"])
+    Console().print(table)
+
+
+def _register_optional() -> None:
+    """Command groups owned by other packages register themselves here."""
+    import importlib
+
+    for module in ("bulwark.cluster.cli", "bulwark.eval.cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            continue
+        register = getattr(mod, "register", None)
+        if register is not None:
+            register(app)
+
+
+_register_optional()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Shared fixtures: the real data folder, a tiny saved Llama, and multi-process runners with timeouts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+# A failed collective can hang the other rank forever: every multi-process run gets a deadline.
+RUN_TIMEOUT_S = 240
+
+
+def _data_dir() -> Path | None:
+    for candidate in (os.environ.get("BULWARK_DATA_DIR"), REPO.parent / "shared" / "data"):
+        if candidate and Path(candidate, "sst2_train.jsonl").is_file():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    found = _data_dir()
+    if found is None:
+        pytest.skip("real data folder not found (set BULWARK_DATA_DIR)")
+    return found
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bulwark.models import save_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    save_tiny_llama(path, seed=0)
+    return path
+
+
+def subprocess_env(data_dir: Path | None = None) -> dict[str, str]:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    if data_dir is not None:
+        env["BULWARK_DATA_DIR"] = str(data_dir)
+    return env
+
+
+def run_cmd(cmd: list[str], data_dir: Path | None = None, timeout: int = RUN_TIMEOUT_S,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, env=subprocess_env(data_dir), capture_output=True, text=True, timeout=timeout, cwd=cwd or REPO
+    )
+
+
+def torchrun(target: list[str], nproc: int = 2, data_dir: Path | None = None,
+             timeout: int = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    """`target` is ["-m", "module", args...] or ["script.py", args...]."""
+    from bulwark.engine.dist import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *target]
+    return run_cmd(cmd, data_dir, timeout)
+
+
+def bulwark_cli(args: list[str], data_dir: Path | None = None, timeout: int = RUN_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return run_cmd([sys.executable, "-m", "cli.main", *args], data_dir, timeout)
+
+
+def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
+    return proc
