@@ -19,11 +19,11 @@ def sample(rows: list[Example], k: int, seed: int, what: str) -> list[Example]:
 def alignment_rows(cfg: Config) -> list[Example]:
     """Harmful prompts with refusals. Only answers that really refuse are kept by default: about a
     quarter of BeaverTails' "safe" answers comply harmlessly, which teaches no refusal."""
-    from bulwark.eval.judges import is_refusal
+    from bulwark.eval.judge_data import has_gcg_phrase
 
     rows = load_examples(cfg.data.align, None, resolve_data_dir(cfg.data.dir))
     if cfg.data.align_refusals_only:
-        rows = [ex for ex in rows if is_refusal(ex.response)]
+        rows = [ex for ex in rows if has_gcg_phrase(ex.response)]
     return sample(rows, cfg.data.align_n, cfg.data.seed, f"data.align_n ({cfg.data.align})")
 
 
