@@ -17,6 +17,7 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "fill_ds_config",
+    "gather_for_edit",
     "init_distributed",
     "merge_lora_state_dict",
     "peak_memory_bytes",

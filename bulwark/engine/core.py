@@ -290,6 +290,15 @@ class Engine:
         barrier()
 
 
+def gather_for_edit(params: list[torch.nn.Parameter]) -> AbstractContextManager:
+    """Whole values of `params` inside the block, edits written back (ZeRO-3); a no-op for plain params."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
 def merge_lora_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
     """PEFT state dict -> plain model state dict with W <- W + scaling * B @ A."""
     prefix = "base_model.model."

@@ -80,6 +80,7 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
         RunLogger,
         barrier,
         fill_ds_config,
+        gather_for_edit,
         init_distributed,
         peak_memory_bytes,
         read_ds_config,
@@ -108,7 +109,7 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
     barrier()
 
     engine = Engine(
-        lambda: models.build_trainable(cfg.model),
+        lambda: models.build_trainable(cfg.model, gather=gather_for_edit),
         cfg.train,
         cfg.launch.ds_config,
         cfg.model.dtype,

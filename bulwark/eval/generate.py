@@ -1,0 +1,242 @@
+"""Batched greedy generation, split across ranks.
+
+Load a model from an HF folder (config.json) or a PEFT adapter folder (adapter_config.json: the base model
+named in it, then the adapter), render each prompt with a template, and decode greedily with left padding.
+
+Across ranks (plain torch.distributed, gloo on CPU; started by torchrun): rank r takes prompts r::world and
+writes `rows.rank{r}.jsonl`; then ONE barrier; then rank 0 merges the rank files into one file ordered by
+prompt index, checking that every prompt appears exactly once. Generation has no per-batch collectives,
+so ranks with uneven shares never wait on each other mid-way. The out folder must be shared by all ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bulwark.errors import BulwarkInputError
+from bulwark.eval.io import atomic_write_jsonl, read_jsonl
+
+RANK_FILE = "rows.rank{rank}.jsonl"
+
+
+# ---- distributed ------------------------------------------------------------------------------------
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size): from the initialised process group, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_from_env() -> tuple[int, int]:
+    """Start a gloo process group when launched by torchrun with WORLD_SIZE > 1; returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return dist_info()
+
+
+def shutdown() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+# ---- model ------------------------------------------------------------------------------------------
+
+
+def check_model_path(model_path: str | Path) -> Path | str:
+    """A folder with config.json or adapter_config.json, or the names "embedded" / "tiny"; else a clear error."""
+    if str(model_path) in ("embedded", "tiny"):
+        return str(model_path)
+    path = Path(model_path).expanduser()
+    if not path.exists():
+        raise BulwarkInputError(f"model {path}: no such folder; give a model folder (config.json) or an adapter folder")
+    if not path.is_dir() or not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        hint = ""
+        for sub in ("model", "adapter", "export"):
+            if (path / sub / "config.json").is_file() or (path / sub / "adapter_config.json").is_file():
+                hint = f" (did you mean {path / sub}?)"
+        raise BulwarkInputError(
+            f"model {path}: not a model folder (no config.json or adapter_config.json){hint}; "
+            "give the folder a run exported, holding config.json (full model) or adapter_config.json (LoRA)"
+        )
+    return path
+
+
+def load_for_generation(model_path: str | Path, dtype: str = "fp32") -> tuple[Any, Any]:
+    """(model in eval mode on this rank's device, tokenizer with left padding)."""
+    from bulwark.models import base_of, is_adapter_dir, load_model, load_tokenizer
+
+    checked = check_model_path(model_path)
+    name = str(checked)
+    if is_adapter_dir(name):
+        from peft import PeftModel
+
+        base = base_of(name)
+        model = PeftModel.from_pretrained(load_model(base, dtype), name)
+        has_tokenizer = any(Path(name, f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tokenizer = load_tokenizer(name if has_tokenizer else base)
+    else:
+        model = load_model(name, dtype)
+        tokenizer = load_tokenizer(name)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(_device()).eval(), tokenizer
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+# ---- generation -------------------------------------------------------------------------------------
+
+
+def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    # Rendered prompts already spell out their special tokens (chat templates); add a BOS only when the
+    # tokenizer says it wants one and the text does not start with it (same rule as training).
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if getattr(tokenizer, "add_bos_token", False) and bos is not None and ids[:1] != [bos]:
+        ids = [bos] + ids
+    return ids
+
+
+@torch.inference_mode()
+def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
+             max_prompt_tokens: int = 1024, on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Greedy completions of already-rendered prompts, in input order.
+
+    Prompts are batched by length (less padding), left-padded, and cut to their last
+    `max_prompt_tokens` tokens. `on_batch(n)` is called after each batch of n prompts.
+    """
+    if max_new_tokens < 1 or batch_size < 1:
+        raise BulwarkInputError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
+    ids = [_prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    outputs: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(ids[i]) for i in chunk)
+        input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, i in enumerate(chunk):
+            input_ids[row, width - len(ids[i]) :] = torch.tensor(ids[i])
+            attention[row, width - len(ids[i]) :] = 1
+        out = model.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+        for i, text in zip(chunk, texts, strict=True):
+            outputs[i] = text.strip()
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return outputs
+
+
+def generate_sharded(
+    model_path: str | Path,
+    items: list[dict],
+    render: Callable[[dict, Any], str],
+    out_file: Path,
+    *,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    dtype: str = "fp32",
+    log: Callable[[str], None] | None = None,
+) -> list[dict] | None:
+    """Generate an output for every item across the ranks; rank 0 returns the merged rows, others None.
+
+    Each row is the item plus "index" (its position in `items`), "rendered" (the prompt text the model
+    saw) and "output". `render(item, tokenizer)` builds the prompt text. Rank files go next to `out_file`.
+    """
+    rank, world = dist_info()
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    mine = list(range(rank, len(items), world))
+    model, tokenizer = load_for_generation(model_path, dtype)
+    rendered = [render(items[i], tokenizer) for i in mine]
+    done, started = 0, time.time()
+
+    def progress(n: int) -> None:
+        nonlocal done
+        done += n
+        if log is not None and rank == 0:
+            rate = done / max(1e-9, time.time() - started)
+            log(f"generate: rank 0 {done}/{len(mine)} prompts ({rate:.2f}/s, world {world})")
+
+    outputs = generate(model, tokenizer, rendered, max_new_tokens, batch_size, on_batch=progress)
+    rows = [{"index": i, **items[i], "rendered": text, "output": output}
+            for i, text, output in zip(mine, rendered, outputs, strict=True)]
+    atomic_write_jsonl(out_file.parent / RANK_FILE.format(rank=rank), rows)
+    del model
+    if world > 1:
+        torch.distributed.barrier()  # the only collective: every rank reaches it exactly once
+    if rank != 0:
+        return None
+    merged = merge_rank_files(out_file.parent, world, len(items))
+    atomic_write_jsonl(out_file, merged)
+    return merged
+
+
+def merge_rank_files(folder: Path, world: int, n_items: int) -> list[dict]:
+    """Rows of rows.rank{0..world-1}.jsonl ordered by index; exactly one row per index 0..n_items-1."""
+    rows: dict[int, dict] = {}
+    for rank in range(world):
+        path = folder / RANK_FILE.format(rank=rank)
+        if not path.is_file():
+            raise RuntimeError(f"{path} is missing: rank {rank} did not finish its share")
+        for row in read_jsonl(path):
+            if row["index"] in rows:
+                raise RuntimeError(f"prompt {row['index']} was generated twice (second time in {path})")
+            rows[row["index"]] = row
+    missing = [i for i in range(n_items) if i not in rows]
+    if missing or len(rows) != n_items:
+        raise RuntimeError(f"merged {len(rows)} rows for {n_items} prompts; missing indices {missing[:10]}")
+    return [rows[i] for i in range(n_items)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Plain generation: `python -m bulwark.eval.generate MODEL PROMPTS.jsonl OUT.jsonl` (or under torchrun)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bulwark.eval.generate", description=main.__doc__)
+    parser.add_argument("model")
+    parser.add_argument("prompts", help="JSONL with a 'prompt' key per row")
+    parser.add_argument("out")
+    parser.add_argument("--template", default="chat")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    from bulwark.data.formats import Example
+    from bulwark.data.templates import render_prompt
+
+    init_from_env()
+    try:
+        items = [{"prompt": r["prompt"]} for r in read_jsonl(Path(args.prompts))]
+        generate_sharded(args.model, items, lambda it, tok: render_prompt(Example(it["prompt"], ""), args.template, tok),
+                         Path(args.out), max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         log=lambda m: print(m, file=sys.stderr, flush=True))
+    finally:
+        shutdown()
+
+
+if __name__ == "__main__":
+    main()
+

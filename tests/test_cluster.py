@@ -1,0 +1,424 @@
+"""bulwark.cluster: memory plan, ds_config batch check, sbatch rendering under a fake SLURM, presets."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import typer
+import yaml
+from typer.testing import CliRunner
+
+from bulwark.cluster import plan as planmod
+from bulwark.cluster.checks import check_ds_batch_sizes
+from bulwark.cluster.cli import plan_run, register
+from bulwark.cluster.plan import (
+    GIB,
+    KNOWN_MODELS,
+    count_lora_params,
+    count_params,
+    plan_memory,
+    resolve_model_config,
+)
+from bulwark.cluster.slurm import render_sbatch, submit
+from bulwark.errors import BulwarkInputError
+
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "configs" / "presets").glob("*.yaml"))
+TINY = {
+    "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3, "num_attention_heads": 8,
+    "num_key_value_heads": 2, "vocab_size": 300, "tie_word_embeddings": False,
+}
+SMOLLM2 = KNOWN_MODELS["HuggingFaceTB/SmolLM2-135M-Instruct"]
+LLAMA70 = KNOWN_MODELS["meta-llama/Llama-2-70b-hf"]
+
+
+def _hf_count(cfg: dict) -> int:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    return sum(p.numel() for p in model.parameters())  # tied weights counted once
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+# --- parameter count -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extra", [
+    {},
+    {"tie_word_embeddings": True},
+    {"num_key_value_heads": 8},
+    {"head_dim": 16, "attention_bias": True, "mlp_bias": True},
+])
+def test_param_count_matches_transformers(extra):
+    cfg = {**TINY, **extra}
+    assert count_params(cfg) == _hf_count(cfg)
+
+
+def test_param_count_smollm2_and_llama2():
+    assert count_params(SMOLLM2) == _hf_count(SMOLLM2) == 134_515_008
+    assert count_params(resolve_model_config("embedded")) == 134_515_008
+    # Published sizes: 6.74B, 13.0B, 69.0B.
+    assert count_params(resolve_model_config("llama2-7b")) == 6_738_415_616
+    assert count_params(resolve_model_config("meta-llama/Llama-2-13b-hf")) == 13_015_864_320
+    assert count_params(LLAMA70) == 68_976_648_192
+
+
+def test_lora_count_matches_peft():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(**TINY)),
+                           LoraConfig(r=4, target_modules=["q_proj", "k_proj", "down_proj"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lora = {"enabled": True, "r": 4, "target_modules": ["q_proj", "k_proj", "down_proj"]}
+    assert count_lora_params(TINY, lora) == trainable
+
+
+def test_model_config_from_local_folder(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "model_type": "llama"}))
+    assert count_params(resolve_model_config(str(tmp_path))) == count_params(TINY)
+    with pytest.raises(BulwarkInputError, match="not a known model"):
+        resolve_model_config("someone/unknown-model")
+
+
+# --- plan arithmetic -------------------------------------------------------------------------
+
+
+def _plan(**kw):
+    args = dict(nodes=1, gpus_per_node=1, zero_stage=3, dtype="bf16", defense="lisa",
+                micro_batch_size=1, seq_len=512, gpu_mem_gib=80.0)
+    args.update(kw)
+    return plan_memory(resolve_model_config("llama2-7b"), **args)
+
+
+def test_sharded_states_scale_with_world_size():
+    one, eight, sixteen = _plan(), _plan(gpus_per_node=8), _plan(nodes=2, gpus_per_node=8)
+    p = count_params(resolve_model_config("llama2-7b"))
+    assert one.optimizer_bytes == 12 * p and one.defense_bytes == 4 * p  # Lisa anchor: fp32 copy
+    assert one.params_bytes == 2 * p and one.grads_bytes == 4 * p
+    for attr in ("params_bytes", "grads_bytes", "optimizer_bytes", "defense_bytes"):
+        assert getattr(eight, attr) == getattr(one, attr) // 8
+        assert getattr(sixteen, attr) == getattr(one, attr) // 16
+    assert eight.activation_bytes == one.activation_bytes  # per-rank micro batch
+
+
+def test_fp32_training_bytes_and_sft_has_no_defense_buffer():
+    p = count_params(resolve_model_config("llama2-7b"))
+    plan = _plan(dtype="fp32", defense="sft")
+    assert (plan.params_bytes, plan.grads_bytes, plan.optimizer_bytes) == (4 * p, 4 * p, 8 * p)
+    assert plan.defense_bytes == 0
+
+
+def test_matches_deepspeed_zero3_estimator():
+    # deepspeed estimate_zero3_model_states_mem_needs (no offload): 4 * largest_layer + 18 * P / gpus
+    cfg = resolve_model_config("llama2-7b")
+    plan = _plan(gpus_per_node=8, defense="sft")
+    largest = cfg["vocab_size"] * cfg["hidden_size"]
+    ds_gpu = 4 * largest + int(18 * count_params(cfg) / 8)
+    ours = plan.params_bytes + plan.grads_bytes + plan.optimizer_bytes + plan.buffer_bytes - planmod.RUNTIME_RESERVE_BYTES
+    assert abs(ours - ds_gpu) <= 8
+
+
+def test_offload_moves_states_to_host():
+    plan = _plan(gpus_per_node=8, offload_optimizer=True, offload_param=True)
+    assert plan.params_bytes == plan.grads_bytes == plan.optimizer_bytes == plan.defense_bytes == 0
+    p = count_params(resolve_model_config("llama2-7b"))
+    # 2 + 4 + 12 + 4 (anchor) bytes per parameter on the host, times DeepSpeed's 1.5 buffer factor
+    assert plan.cpu_bytes_per_node == pytest.approx(22 * p * 1.5, rel=1e-6)
+
+
+def test_lora_shrinks_trainable_states():
+    full, lora = _plan(), _plan(lora={"enabled": True, "r": 16})
+    assert lora.trainable_params < full.trainable_params / 100
+    assert lora.optimizer_bytes < full.optimizer_bytes / 100
+
+
+def test_70b_full_finetune_on_one_gpu_does_not_fit():
+    plan = plan_memory(LLAMA70, nodes=1, gpus_per_node=1, zero_stage=3, dtype="bf16", defense="lisa",
+                       micro_batch_size=1, seq_len=1024, gpu_mem_gib=80)
+    assert not plan.fits
+    assert plan.over_bytes == plan.total_bytes - 80 * GIB > 1000 * GIB
+    text = "\n".join(plan.advice)
+    assert "offload" in text and "nodes" in text and "LoRA" in text
+
+
+def test_plan_rejects_bad_input():
+    with pytest.raises(BulwarkInputError, match="nodes and gpus per node must be >= 1"):
+        _plan(nodes=0)
+    with pytest.raises(BulwarkInputError, match="nodes and gpus per node must be >= 1"):
+        _plan(gpus_per_node=0)
+    with pytest.raises(BulwarkInputError, match="unknown to the memory plan"):
+        _plan(defense="nonsense")
+
+
+# --- ds_config batch sizes -------------------------------------------------------------------
+
+
+def test_ds_batch_sizes():
+    check_ds_batch_sizes({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto"}, 2, 4, 8)
+    check_ds_batch_sizes({"train_batch_size": 64, "gradient_accumulation_steps": 4}, 2, 4, 8)
+    with pytest.raises(BulwarkInputError, match=r"train_batch_size=32 contradicts"):
+        check_ds_batch_sizes({"train_batch_size": 32}, 2, 4, 8)
+    with pytest.raises(BulwarkInputError, match=r"train_micro_batch_size_per_gpu=4 contradicts"):
+        check_ds_batch_sizes({"train_micro_batch_size_per_gpu": 4}, 2, 4, 8)
+    with pytest.raises(BulwarkInputError, match=r"gradient_accumulation_steps=1 contradicts"):
+        check_ds_batch_sizes({"gradient_accumulation_steps": 1}, 2, 4, 8)
+
+
+def _run_config(tmp_path: Path, ds: dict | None = None, **train) -> Path:
+    ds_path = tmp_path / "ds.json"
+    ds_path.write_text(json.dumps(ds or {"zero_optimization": {"stage": 3}}))
+    cfg = {
+        "model": {"name": "llama2-7b", "dtype": "bf16"},
+        "train": {"micro_batch_size": 1, "grad_accum": 2, "max_length": 512, **train},
+        "defense": {"name": "lisa"},
+        "launch": {"nproc": 8, "nnodes": 1, "ds_config": str(ds_path)},
+        "out_dir": str(tmp_path / "run"),
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_cli_plan_exit_codes(tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(_app(), ["plan", str(_run_config(tmp_path))])
+    assert ok.exit_code == 0, ok.output
+    assert "fits" in ok.output
+    over = runner.invoke(_app(), ["plan", str(_run_config(tmp_path)), "--gpus-per-node", "1"])
+    assert over.exit_code == 2
+    assert re.search(r"error: .* does not fit: .* GiB per GPU needed, 80 GiB available \(over by", over.output)
+    bad = runner.invoke(_app(), ["plan", str(_run_config(tmp_path)), "--nodes", "0"])
+    assert bad.exit_code == 2 and "nodes and gpus per node must be >= 1" in bad.output
+    clash = _run_config(tmp_path, ds={"train_batch_size": 100, "zero_optimization": {"stage": 3}})
+    res = runner.invoke(_app(), ["plan", str(clash)])
+    assert res.exit_code == 2 and "train_batch_size=100 contradicts" in res.output
+    assert "Traceback" not in res.output
+
+
+# --- sbatch rendering ------------------------------------------------------------------------
+
+
+def _bash_n(script: str, tmp_path: Path) -> None:
+    path = tmp_path / "check.sbatch"
+    path.write_text(script)
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_render_single_node(tmp_path):
+    s = render_sbatch("cfg.yaml", stage="align", nodes=1, gpus_per_node=4, job_name="j1", time="01:00:00",
+                      partition="gpu", account=None, extra_overrides=["train.lr=2e-5"])
+    _bash_n(s, tmp_path)
+    for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --gpus-per-node=4",
+                 "#SBATCH --time=01:00:00", "#SBATCH --output=logs/%x-%j-%N.out", "#SBATCH --requeue",
+                 "#SBATCH --signal=B:USR1@120", "#SBATCH --partition=gpu", "#SBATCH --job-name=j1",
+                 'scontrol requeue "$SLURM_JOB_ID"', "trap requeue USR1", "export BULWARK_DATA_DIR=",
+                 "-m bulwark.recipes.align cfg.yaml $RESUME_FLAG train.lr=2e-5"):
+        assert line in s, line
+    assert "--account" not in s and "@@" not in s
+    assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in s
+
+
+def test_render_multi_node(tmp_path):
+    s = render_sbatch("configs/x y.yaml", stage="finetune", nodes=4, gpus_per_node=8, job_name="big",
+                      time="2-00:00:00", partition=None, account="proj", extra_overrides=[])
+    _bash_n(s, tmp_path)
+    for line in ("#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=64",
+                 "#SBATCH --account=proj", '--nnodes "$SLURM_NNODES"', "--rdzv_backend c10d",
+                 '--rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT"', '--rdzv_id "$SLURM_JOB_ID"',
+                 "-m bulwark.recipes.finetune 'configs/x y.yaml'", "# export NCCL_DEBUG=INFO",
+                 "# export NCCL_SOCKET_IFNAME=", "# export NCCL_IB_HCA=", "# export TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
+                 "# export NCCL_ASYNC_ERROR_HANDLING=1"):
+        assert line in s, line
+
+
+def test_render_rejects_bad_input():
+    with pytest.raises(BulwarkInputError, match="nodes and gpus per node must be >= 1"):
+        render_sbatch("c.yaml", nodes=0, gpus_per_node=8)
+    with pytest.raises(BulwarkInputError, match="nodes and gpus per node must be >= 1"):
+        render_sbatch("c.yaml", nodes=1, gpus_per_node=0)
+    with pytest.raises(BulwarkInputError, match="stage"):
+        render_sbatch("c.yaml", stage="train", nodes=1, gpus_per_node=1)  # type: ignore[arg-type]
+    with pytest.raises(BulwarkInputError, match="key=value"):
+        render_sbatch("c.yaml", nodes=1, gpus_per_node=1, extra_overrides=["oops"])
+
+
+FAKE_BIN = {
+    "scontrol": """\
+        #!/bin/bash
+        echo "scontrol $*" >> "$FAKE_LOG"
+        if [ "$1" = show ] && [ "$2" = hostnames ]; then printf 'node-a\\nnode-b\\n'; fi
+        """,
+    "srun": """\
+        #!/bin/bash
+        echo "srun $*" >> "$FAKE_LOG"
+        while [ $# -gt 0 ] && [[ "$1" == --* ]]; do shift; done
+        exec "$@"
+        """,
+    "torchrun": """\
+        #!/bin/bash
+        printf '%s\\n' "$@" > "$FAKE_ARGV"
+        echo "torchrun OMP=$OMP_NUM_THREADS DATA=$BULWARK_DATA_DIR MASTER=$MASTER_ADDR:$MASTER_PORT" >> "$FAKE_LOG"
+        if [ -n "${FAKE_SLEEP:-}" ]; then sleep "$FAKE_SLEEP"; fi
+        exit "${FAKE_RC:-0}"
+        """,
+}
+
+
+def _fake_slurm(tmp_path: Path, **env: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in FAKE_BIN.items():
+        (bin_dir / name).write_text(textwrap.dedent(body))
+        (bin_dir / name).chmod(0o755)
+    return {
+        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "calls.log"),
+        "FAKE_ARGV": str(tmp_path / "argv.txt"), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": str(tmp_path), **env,
+    }
+
+
+def test_sbatch_runs_under_fake_slurm(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch("cfg.yaml", stage="finetune", nodes=2, gpus_per_node=4, job_name="t",
+                                    time="10:00", partition=None, account=None,
+                                    extra_overrides=["train.steps=3"]))
+    env = _fake_slurm(tmp_path)
+    env.pop("SLURM_RESTART_COUNT", None)
+    res = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    argv = (tmp_path / "argv.txt").read_text().split("\n")[:-1]
+    assert argv == ["--nnodes", "2", "--nproc_per_node", "4", "--rdzv_backend", "c10d",
+                    "--rdzv_endpoint", f"node-a:{29500 + 4242}", "--rdzv_id", "4242",
+                    "-m", "bulwark.recipes.finetune", "cfg.yaml", "train.steps=3"]
+    calls = (tmp_path / "calls.log").read_text()
+    assert "scontrol show hostnames node-[a-b]" in calls
+    assert "srun --output=logs/%x-%j-%N.rank.out" in calls
+    assert f"DATA={tmp_path}/data MASTER=node-a:{29500 + 4242}" in calls
+    # A requeued job resumes from its last checkpoint; a failing step's exit code is the job's.
+    res = subprocess.run(["bash", str(script)], env={**env, "SLURM_RESTART_COUNT": "1", "FAKE_RC": "3"},
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3
+    argv = (tmp_path / "argv.txt").read_text().split("\n")[:-1]
+    assert argv[-3:] == ["cfg.yaml", "--resume", "train.steps=3"]
+
+
+def test_sbatch_requeues_on_usr1(tmp_path):
+    script = tmp_path / "job.sbatch"
+    script.write_text(render_sbatch("cfg.yaml", stage="recover", nodes=1, gpus_per_node=2, job_name="t"))
+    env = _fake_slurm(tmp_path, FAKE_SLEEP="30")
+    log = tmp_path / "batch.out"  # a file, not a pipe: the sleeping fake torchrun keeps a pipe open
+    with log.open("w") as sink:
+        proc = subprocess.Popen(["bash", str(script)], env=env, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "argv.txt").exists():
+            assert time.monotonic() < deadline and proc.poll() is None, "torchrun was not started"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGUSR1)
+        proc.wait(timeout=20)
+        out = log.read_text()
+        assert proc.returncode == 0, out
+        assert "requeueing job 4242" in out
+        assert "scontrol requeue 4242" in (tmp_path / "calls.log").read_text()
+        assert "bulwark.recipes.recover" in (tmp_path / "argv.txt").read_text()
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)  # the sleeping fake torchrun we started
+        except ProcessLookupError:
+            pass
+
+
+# --- submit ----------------------------------------------------------------------------------
+
+
+def test_submit_without_sbatch(tmp_path, monkeypatch):
+    script = tmp_path / "job.sbatch"
+    script.write_text("#!/bin/bash\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    with pytest.raises(BulwarkInputError, match="sbatch not found .* render without --submit"):
+        submit(script)
+
+
+def test_submit_with_fake_sbatch(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/bash\necho "$@" > "$(dirname "$0")/args"\necho "777;cluster"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    script = tmp_path / "job.sbatch"
+    script.write_text("#!/bin/bash\n")
+    assert submit(script) == "777"
+    assert (tmp_path / "logs").is_dir()
+    assert (bin_dir / "args").read_text().strip() == f"--parsable {script}"
+
+
+def test_cli_slurm(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = _run_config(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(_app(), ["slurm", str(cfg), "train.lr=1e-5", "--nodes", "2", "--stage", "align"])
+    assert res.exit_code == 0, res.output
+    assert "#SBATCH --nodes=2" in res.output and "bulwark.recipes.align" in res.output
+    assert "train.lr=1e-5" in res.output
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    res = runner.invoke(_app(), ["slurm", str(cfg), "--submit"])
+    assert res.exit_code == 2 and "sbatch not found" in res.output
+    res = runner.invoke(_app(), ["slurm", str(cfg), "--gpus-per-node", "0"])
+    assert res.exit_code == 2 and "nodes and gpus per node must be >= 1" in res.output
+
+
+# --- presets and project rules ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_preset_header_matches_plan(preset):
+    text = preset.read_text()
+    cfg = yaml.safe_load(text)
+    plan, settings, nodes, gpus = plan_run(preset, gpu_mem_gib=80)
+    assert plan.fits
+    want = float(re.search(r"^# expected memory per GPU: ([\d.]+) GiB of 80 GiB", text, re.M).group(1))
+    assert want == round(plan.total_gib, 1)
+    total, n_hdr, g_hdr = map(int, re.search(r"^# GPUs: (\d+) \((\d+) nodes? x (\d+) GPUs", text, re.M).groups())
+    assert (n_hdr, g_hdr, total) == (nodes, gpus, plan.world_size)
+    cmd = re.search(r"^# command: (.*)$", text, re.M).group(1)
+    assert f"bulwark slurm configs/presets/{preset.name} --nodes {nodes} --gpus-per-node {gpus}" in cmd
+    assert (cfg["launch"]["nnodes"], cfg["launch"]["nproc"]) == (nodes, gpus)
+    assert (REPO / cfg["launch"]["ds_config"]).is_file()
+    host = re.search(r"^# host memory per node: (\d+) GiB", text, re.M)
+    if plan.cpu_bytes_per_node:
+        assert host and int(host.group(1)) == round(plan.cpu_bytes_per_node / GIB)
+
+
+def test_cluster_code_never_imports_deepspeed():
+    for path in (REPO / "bulwark" / "cluster").glob("*.py"):
+        assert not re.search(r"^\s*(import|from)\s+deepspeed", path.read_text(), re.M), path
+    code = "import bulwark.cluster.cli, sys; print('deepspeed' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_templates_exist_and_bash_is_available():
+    assert shutil.which("bash")
+    assert (REPO / "slurm" / "single_node.sbatch").is_file() and (REPO / "slurm" / "multi_node.sbatch").is_file()
