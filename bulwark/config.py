@@ -80,11 +80,13 @@ class TrainConfig:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only the last step
     keep_checkpoints: int = 2
     log_every: int = 1
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~1.3x time
 
 
 @dataclass
 class LaunchConfig:
     nproc: int = 1  # processes per node when bulwark spawns torchrun itself
+    nnodes: int = 1  # nodes (SLURM templates and `bulwark plan`; torchrun gets it from srun there)
     ds_config: str = "zero3"  # a name in ds_configs/ or a path to a DeepSpeed JSON
     master_port: int = 0  # 0 = pick a free port
 
@@ -279,6 +281,7 @@ def validate(cfg: Config) -> None:
         (cfg.train.checkpoint_every >= 0, "train.checkpoint_every must be >= 0"),
         (cfg.train.keep_checkpoints >= 1, "train.keep_checkpoints must be at least 1"),
         (cfg.launch.nproc >= 1, f"launch.nproc = {cfg.launch.nproc} must be at least 1"),
+        (cfg.launch.nnodes >= 1, f"launch.nnodes = {cfg.launch.nnodes} must be at least 1"),
     ]
     for ok, message in checks:
         if not ok:

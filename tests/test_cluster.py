@@ -189,7 +189,8 @@ def _run_config(tmp_path: Path, ds: dict | None = None, **train) -> Path:
     ds_path.write_text(json.dumps(ds or {"zero_optimization": {"stage": 3}}))
     cfg = {
         "model": {"name": "llama2-7b", "dtype": "bf16"},
-        "train": {"micro_batch_size": 1, "grad_accum": 2, "max_length": 512, **train},
+        "train": {"micro_batch_size": 1, "grad_accum": 2, **train},
+        "data": {"max_length": 512},
         "defense": {"name": "lisa"},
         "launch": {"nproc": 8, "nnodes": 1, "ds_config": str(ds_path)},
         "out_dir": str(tmp_path / "run"),
@@ -290,8 +291,10 @@ def _fake_slurm(tmp_path: Path, **env: str) -> dict[str, str]:
     for name, body in FAKE_BIN.items():
         (bin_dir / name).write_text(textwrap.dedent(body))
         (bin_dir / name).chmod(0o755)
+    # the script falls back to ./data only when the caller has no BULWARK_DATA_DIR of its own
+    outer = {k: v for k, v in os.environ.items() if k != "BULWARK_DATA_DIR"}
     return {
-        **os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "calls.log"),
+        **outer, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(tmp_path / "calls.log"),
         "FAKE_ARGV": str(tmp_path / "argv.txt"), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-[a-b]",
         "SLURM_NNODES": "2", "SLURM_SUBMIT_DIR": str(tmp_path), **env,
     }

@@ -1,23 +1,22 @@
 """The few run-config keys the cluster tools read, from a plain dict.
 
-Until the typed config (bulwark/config.py) is used here, the run config YAML is read with pyyaml and
-handed to :func:`run_settings` as a dict; switching means building :class:`RunSettings` from the
-typed object instead. Keys read (all others are ignored here):
+The run config is parsed by bulwark.config (typed, unknown keys are errors); :func:`run_settings`
+picks what the memory plan and the SLURM renderer need. Keys read:
 
 ====================================  ==========================================  ===================
 key                                   used for                                    default if absent
 ====================================  ==========================================  ===================
-model.name                            model size (see plan.resolve_model_config)  required
-model.dtype                           fp32 | bf16 | fp16 byte counts              bf16
+model.name                            model size (see plan.resolve_model_config)  embedded
+model.dtype                           fp32 | bf16 byte counts                     fp32
 model.lora.enabled / r /              trainable parameter count                   LoRA off
   target_modules
 train.micro_batch_size                activations; ds_config batch check          1
 train.grad_accum                      ds_config batch check                       1
-train.max_length                      activations (sequence length)               2048
+data.max_length                       activations (sequence length)               256
 train.gradient_checkpointing          activations                                 false
 defense.name                          defense buffers                             sft
-launch.nnodes / launch.nproc          default nodes / GPUs per node               1 / 8
-launch.ds_config                      ZeRO stage, offload, batch sizes            ds_configs/zero3.json
+launch.nnodes / launch.nproc          default nodes / GPUs per node               1 / 1
+launch.ds_config                      ZeRO stage, offload, batch sizes            zero3
 ====================================  ==========================================  ===================
 """
 
@@ -28,8 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from bulwark.config import Config, load_config
 from bulwark.errors import BulwarkInputError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -53,57 +51,27 @@ class RunSettings:
     ds_config: str
 
 
-def load_run_config(path: Path) -> dict[str, Any]:
-    """Read a run config YAML into a dict (one clear error when missing or not a mapping)."""
-    if not path.is_file():
-        raise BulwarkInputError(f"{path}: run config not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise BulwarkInputError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from e
-    if not isinstance(data, dict):
-        raise BulwarkInputError(f"{path}: a run config must be a YAML mapping")
-    return data
+def load_run_config(path: Path, overrides: list[str] | None = None) -> Config:
+    """The typed run config (same parser and unknown-key errors as the training commands)."""
+    return load_config(path, overrides or [], "")
 
 
-def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
-    value = cfg.get(name) or {}
-    if not isinstance(value, dict):
-        raise BulwarkInputError(f"{name}: must be a mapping, got {type(value).__name__}")
-    return value
-
-
-def _int(section: dict[str, Any], key: str, where: str, default: int | None) -> int | None:
-    value = section.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise BulwarkInputError(f"{where}.{key}: must be an integer, got {value!r}")
-    return value
-
-
-def run_settings(run_config: dict[str, Any]) -> RunSettings:
-    """Pick the keys in this module's table out of a run config dict."""
-    model, train = _section(run_config, "model"), _section(run_config, "train")
-    defense, launch = _section(run_config, "defense"), _section(run_config, "launch")
-    name = model.get("name")
-    if not name:
-        raise BulwarkInputError("model.name: missing (an HF folder, 'embedded', 'tiny' or a known model id)")
-    lora = model.get("lora")
-    if lora is not None and not isinstance(lora, dict):
-        raise BulwarkInputError("model.lora: must be a mapping")
+def run_settings(cfg: Config) -> RunSettings:
+    """Pick the keys in this module's table out of a typed run config."""
+    lora = cfg.model.lora
     return RunSettings(
-        model_name=str(name),
-        dtype=str(model.get("dtype", "bf16")),
-        lora=lora if lora and lora.get("enabled") else None,
-        defense=str(defense.get("name", "sft")),
-        micro_batch_size=_int(train, "micro_batch_size", "train", 1),  # type: ignore[arg-type]
-        grad_accum=_int(train, "grad_accum", "train", 1),  # type: ignore[arg-type]
-        max_length=_int(train, "max_length", "train", 2048),  # type: ignore[arg-type]
-        gradient_checkpointing=bool(train.get("gradient_checkpointing", False)),
-        nnodes=_int(launch, "nnodes", "launch", None),
-        nproc=_int(launch, "nproc", "launch", None),
-        ds_config=str(launch.get("ds_config") or DEFAULT_DS_CONFIG),
+        model_name=cfg.model.name,
+        dtype=cfg.model.dtype,
+        lora={"enabled": True, "r": lora.r, "target_modules": list(lora.target_modules)} if lora.enabled else None,
+        defense=str(cfg.defense.get("name", "sft")),
+        micro_batch_size=cfg.train.micro_batch_size,
+        grad_accum=cfg.train.grad_accum,
+        max_length=cfg.data.max_length,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        nnodes=cfg.launch.nnodes,
+        nproc=cfg.launch.nproc,
+        ds_config=cfg.launch.ds_config if cfg.launch.ds_config.endswith(".json") else
+        f"ds_configs/{cfg.launch.ds_config}.json",
     )
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from bulwark.cluster.checks import check_ds_batch_sizes
 from bulwark.config import TrainConfig
 from bulwark.engine.dist import all_reduce_sum, barrier, init_distributed
 from bulwark.errors import BulwarkInputError
@@ -29,7 +30,7 @@ PreStepFn = Callable[[list[tuple[int, torch.Tensor]]], None]
 
 def resolve_ds_config(name: str) -> Path:
     """A name in ds_configs/ ("zero3") or a path to a DeepSpeed JSON file."""
-    candidates = [Path(name), DS_CONFIG_DIR / name, DS_CONFIG_DIR / f"{name}.json"]
+    candidates = [Path(name), DS_CONFIG_DIR / name, DS_CONFIG_DIR / f"{name}.json", DS_CONFIG_DIR.parent / name]
     for path in candidates:
         if path.is_file():
             return path
@@ -56,28 +57,13 @@ def read_ds_config(name: str) -> dict[str, Any]:
     return raw
 
 
-def _explicit_int(raw: dict[str, Any], key: str) -> int | None:
-    value = raw.get(key, "auto")
-    return None if value == "auto" else int(value)
-
-
 def fill_ds_config(raw: dict[str, Any], train: TrainConfig, dtype: str, world_size: int) -> dict[str, Any]:
     """Replace "auto" values from the run config; explicit values that contradict it are errors."""
     cfg = json.loads(json.dumps(raw))
-    wanted = {
-        "train_micro_batch_size_per_gpu": train.micro_batch_size,
-        "gradient_accumulation_steps": train.grad_accum,
-        "train_batch_size": train.micro_batch_size * train.grad_accum * world_size,
-    }
-    for key, value in wanted.items():
-        explicit = _explicit_int(cfg, key)
-        if explicit is not None and explicit != value:
-            raise BulwarkInputError(
-                f"ds_config {key} = {explicit} contradicts the run config ({value} from train.micro_batch_size="
-                f"{train.micro_batch_size}, train.grad_accum={train.grad_accum}, world size {world_size}); "
-                "set it to \"auto\""
-            )
-        cfg[key] = value
+    check_ds_batch_sizes(cfg, train.micro_batch_size, train.grad_accum, world_size)
+    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
+    cfg["gradient_accumulation_steps"] = train.grad_accum
+    cfg["train_batch_size"] = train.micro_batch_size * train.grad_accum * world_size
     if cfg.get("gradient_clipping", "auto") == "auto":
         cfg["gradient_clipping"] = train.max_grad_norm
     bf16 = cfg.setdefault("bf16", {})

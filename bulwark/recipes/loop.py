@@ -108,8 +108,14 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
             write(out_dir / name)
     barrier()
 
+    def build_model() -> torch.nn.Module:
+        model = models.build_trainable(cfg.model, gather=gather_for_edit)
+        if cfg.train.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
     engine = Engine(
-        lambda: models.build_trainable(cfg.model, gather=gather_for_edit),
+        build_model,
         cfg.train,
         cfg.launch.ds_config,
         cfg.model.dtype,
