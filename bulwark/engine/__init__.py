@@ -3,6 +3,7 @@
 from bulwark.engine.core import (
     Engine,
     fill_ds_config,
+    gather_for_edit,
     merge_lora_state_dict,
     peak_memory_bytes,
     read_ds_config,
