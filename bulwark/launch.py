@@ -79,4 +79,7 @@ def launch(
 
     if torch.cuda.is_available():
         env.pop("DS_ACCELERATOR")
+    else:
+        # torchrun pins every rank to one thread; on a CPU run the ranks should share the cores instead
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.call(cmd, env=env)

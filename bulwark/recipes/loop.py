@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,8 @@ def tokenize_streams(plan: StagePlan, tokenizer: Any, cfg: Config) -> dict[str, 
 def run_stage(stage: str, argv: list[str] | None, build_plan: Any) -> None:
     """Entry point of `python -m bulwark.recipes.<stage>` in every rank (under torchrun or srun)."""
     args = parse_args(argv, stage)
+    # DeepSpeed calls torch collectives that torch has renamed; the warning repeats every step
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     try:
         train(stage, args, build_plan)
     except BulwarkInputError as exc:
