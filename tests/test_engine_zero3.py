@@ -142,3 +142,42 @@ def test_cli_help_is_fast() -> None:
     proc = subprocess.run([sys.executable, "-m", "cli.main", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "finetune" in proc.stdout
     assert time.perf_counter() - t0 < 10
+
+
+def test_lora_export_and_double_single_lora_under_zero3(tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
+    """LoRA at align, then both LoRA modes at finetune, all at 2-rank ZeRO-3."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    lora = ["model.lora.enabled=true", "model.lora.r=4", "train.lr=1e-2"]
+    aligned = tmp_path / "align"
+    check(bulwark_cli(["align", *tiny_overrides(tiny_model_dir, aligned, **{"train.steps": 2}), *lora], data_dir))
+    adapter_cfg = json.loads((aligned / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["base_model_name_or_path"] == str(tiny_model_dir)
+    # the merged export equals base + adapter in plain transformers/peft
+    batch = {"input_ids": torch.tensor([[5, 9, 30, 41, 7, 2]]), "attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    merged = AutoModelForCausalLM.from_pretrained(aligned / "model", dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), aligned / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        want = with_adapter(**batch).logits
+        torch.testing.assert_close(merged(**batch).logits, want, atol=1e-5, rtol=0)
+        assert not torch.allclose(base(**batch).logits, want, atol=1e-4), "the adapter learned nothing"
+
+    for mode in ("double", "single"):
+        out = tmp_path / mode
+        overrides = tiny_overrides(aligned / "adapter", out) + lora + [f"model.lora.mode={mode}"]
+        check(bulwark_cli(["finetune", *overrides], data_dir))
+        tuned_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        # double: the new adapter sits on the merged aligned model; single: on the original base
+        base_dir = aligned / "model" if mode == "double" else tiny_model_dir
+        assert Path(tuned_cfg["base_model_name_or_path"]).resolve() == base_dir.resolve()
+        tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), out / "adapter")
+        lora_b = {k: v for k, v in tuned.state_dict().items() if "lora_B" in k}
+        if mode == "single":
+            # the alignment adapter itself kept training: starts from its values, not from zero
+            assert all(v.abs().sum() > 0 for v in lora_b.values())
+        with torch.no_grad():
+            full = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32)(**batch).logits
+            torch.testing.assert_close(full, tuned(**batch).logits, atol=1e-5, rtol=0)
+            assert not torch.allclose(full, want, atol=1e-6), f"{mode}: fine-tuning changed nothing"

@@ -167,6 +167,7 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
     if stop_at == cfg.train.steps:
         engine.export(out_dir, tokenizer)
         if rank == 0:
+            point_adapter_at_its_base(cfg, out_dir)
             (out_dir / "DONE").write_text(json.dumps({"steps": cfg.train.steps, "stage": stage}))
     barrier()
 
@@ -174,3 +175,20 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
 def save(engine: Any, root: Path, step: int, streams: dict[str, DistributedStream], defense: Defense) -> None:
     client = {"streams": {name: s.state_dict() for name, s in streams.items()}}
     engine.save_checkpoint(root, step, client, {"defense": defense.state_dict()})
+
+
+def point_adapter_at_its_base(cfg: Config, out_dir: Path) -> None:
+    """Double LoRA trains on top of the merged aligned model, so its adapter's base is that model
+    (the aligned run's `model/` folder), not the original base that PEFT recorded."""
+    from bulwark.models import is_adapter_dir
+
+    lora = cfg.model.lora
+    if not (lora.enabled and lora.mode == "double" and is_adapter_dir(cfg.model.name)):
+        return
+    merged_base = Path(cfg.model.name).expanduser().resolve().parent / "model"
+    adapter_config = out_dir / "adapter" / "adapter_config.json"
+    content = json.loads(adapter_config.read_text())
+    content["base_model_name_or_path"] = str(merged_base) if (merged_base / "config.json").is_file() else ""
+    tmp = adapter_config.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content, indent=2))
+    tmp.replace(adapter_config)
