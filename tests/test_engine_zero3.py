@@ -64,8 +64,11 @@ def load_exported(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
-def test_sft_step_two_ranks_equals_plain_pytorch(tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
-    overrides = tiny_overrides(tiny_model_dir, tmp_path / "run")
+@pytest.mark.parametrize("ds_config", ["zero3", "zero2"])
+def test_sft_step_two_ranks_equals_plain_pytorch(
+    tmp_path: Path, tiny_model_dir: Path, data_dir: Path, ds_config: str
+) -> None:
+    overrides = tiny_overrides(tiny_model_dir, tmp_path / "run", **{"launch.ds_config": ds_config})
     check(bulwark_cli(["finetune", *overrides], data_dir))
     exported = load_exported(tmp_path / "run" / "model")
     expected = plain_sft_step(overrides, data_dir)
