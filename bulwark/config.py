@@ -139,6 +139,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
+        elif isinstance(value, (int, float)):  # `ps=0.1` on the command line: a one-element list
+            value = [value]
         if not isinstance(value, list):
             raise BulwarkInputError(f"{where}: expected a list, got {value!r}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
@@ -195,11 +197,11 @@ def build_dataclass(cls: type, values: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
+def deep_merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -248,10 +250,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, stage: str = "") -> Config:
     """Stage defaults < YAML file < key=value overrides."""
-    values = _deep_merge({}, STAGE_DEFAULTS.get(stage, {}))
+    values = deep_merge({}, STAGE_DEFAULTS.get(stage, {}))
     if path is not None:
-        values = _deep_merge(values, read_yaml(path))
-    values = _deep_merge(values, parse_overrides(overrides or []))
+        values = deep_merge(values, read_yaml(path))
+    values = deep_merge(values, parse_overrides(overrides or []))
     values.pop("stage", None)
     cfg = build_dataclass(Config, values, "")
     cfg.stage = stage

@@ -76,6 +76,44 @@ def defenses() -> None:
     Console().print(table)
 
 
+@app.command()
+def bench(
+    config: str = typer.Argument(None, help="YAML bench config (see bulwark/bench.py: BenchConfig)"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. ps=0.05,0.1"),
+) -> None:
+    """The pipeline matrix: align -> finetune -> eval per (defense, p); resumable; results.csv/md + plots."""
+    from bulwark.bench import load_bench_config, results_markdown, run_bench
+
+    overrides = list(overrides or [])
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    try:
+        rows = run_bench(load_bench_config(config, overrides))
+    except BulwarkInputError as exc:
+        fail(str(exc))
+    typer.echo(results_markdown(rows))
+
+
+@app.command()
+def demo(
+    out: str = typer.Option("runs/demo", "--out", help="where the demo's runs and results go"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides of the demo matrix"),
+) -> None:
+    """The offline demo on the embedded SmolLM2: align, attack with SFT and with Lisa at p=0.1, evaluate."""
+    import time
+
+    from bulwark.bench import demo_config, results_markdown, run_bench
+
+    started = time.perf_counter()
+    try:
+        rows = run_bench(demo_config(out, list(overrides or [])))
+    except BulwarkInputError as exc:
+        fail(str(exc))
+    typer.echo("\n" + results_markdown(rows))
+    typer.echo(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min; results in {out}/results.md")
+
+
 def _register_optional() -> None:
     """Command groups owned by other packages register themselves here."""
     import importlib
