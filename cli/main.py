@@ -62,6 +62,27 @@ def finetune(
 
 
 @app.command()
+def recover(
+    config: str = typer.Argument(None, help="YAML recover config (see configs/recover.yaml); then key=value overrides"),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. aligned=runs/align/model"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
+) -> None:
+    """Repair a fine-tuned model toward its aligned one (method=restore: gradient-ranked restore with rollback; safelora)."""
+    from bulwark.recover.recipe import launch_recover
+
+    overrides = list(overrides or [])
+    if config is not None and "=" in config:
+        overrides.insert(0, config)
+        config = None
+    try:
+        code = launch_recover(config, overrides, overwrite)
+    except BulwarkInputError as exc:
+        fail(str(exc))
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def defenses() -> None:
     """List the registered defenses: name, stage, parameters with defaults."""
     from rich.console import Console

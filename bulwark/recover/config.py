@@ -1,0 +1,149 @@
+"""The recover stage's typed config: a YAML file plus `key=value` overrides, unknown keys are errors.
+
+Kept apart from `bulwark.config.Config` (whose sections describe a training run) and built with the same
+`build_dataclass`, so a typo fails the same way everywhere. Example (configs/recover.yaml):
+
+    out_dir: runs/recover
+    method: restore              # restore (gradient-ranked restore with rollback) | safelora
+    aligned: runs/align/model    # A: the aligned model
+    finetuned: runs/finetune/model   # B: the fine-tuned model (full folder, or a LoRA adapter folder)
+    restore: {fraction: 0.002, steps: 20}
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bulwark.config import DEFAULT_LORA_TARGETS, build_dataclass, deep_merge, parse_overrides, read_yaml
+from bulwark.errors import BulwarkInputError
+
+METHODS = ("restore", "safelora")
+TASK_METRICS = ("auto", "accuracy", "loss")
+
+
+@dataclass
+class RecoverData:
+    dir: str | None = None  # data folder; else $BULWARK_DATA_DIR
+    template: str = "chat"  # chat | alpaca: how prompts are rendered (use the one the model was trained with)
+    max_length: int = 256  # prompt tokens kept (the last ones: they hold the template's answer marker)
+    harmful: str = "beavertails_refusals"  # recovery prompts: only their prompt text is used
+    harmful_n: int = 64
+    harmful_format: str | None = None  # a bulwark.data format (qa, prompt_only, ...); None = guessed from the name
+    task: str = "sst2_train"  # task prompts for the benign direction and the rollback loss
+    task_n: int = 64
+    task_format: str | None = None
+
+
+@dataclass
+class RestoreConfig:
+    layer: int = 0  # L: hidden state after decoder layer L (1-based); 0 = round(2/3 * depth)
+    layers_from: int = 0  # restore weights of decoder layers [layers_from, layers_to)
+    layers_to: int = 0  # 0 = L (layers above L get no gradient from a loss at layer L)
+    fraction: float = 0.002  # elements restored per step, as a fraction of the weights in those layers
+    steps: int = 20
+    warmup_steps: int = 5  # steps before the first task check
+    checkpoint_every: int = 5  # task check (and HS when eval is on) every N steps
+    max_drop: float = 0.05  # floor = (1 - max_drop) * B's task score
+    rollback: bool = True  # restart with rollback when the warm-up result falls below the floor
+    rollback_fraction: float = 0.2  # share of the just-restored elements rolled back per step
+    micro_batch_size: int = 8  # prompts per forward pass (fixed composition: results do not depend on ranks)
+    skip_norms: bool = True  # norm weights are never restored (as in the reference)
+
+
+@dataclass
+class TaskConfig:
+    metric: str = "auto"  # accuracy (generate + bulwark.eval.metrics) | loss (exp(-token loss)) | auto
+    eval_set: str = "sst2_dev"  # rows scored by the metric (sst2 / agnews / gsm8k formats for accuracy)
+    n: int = 100
+    max_new_tokens: int = 16
+    batch_size: int = 16
+
+
+@dataclass
+class HarmEvalConfig:
+    n: int = 0  # harmful prompts generated at each checkpoint for an HS figure; 0 = off
+    prompts: str = "harmful_eval_prompts"
+    judge: str = "keyword"  # any name bulwark.eval.judges.get_judge knows
+    max_new_tokens: int = 32
+
+
+@dataclass
+class SafeLoraConfig:
+    threshold: float = 0.35  # project layers whose cos(C dW, dW) is below this
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # full FT only
+
+
+@dataclass
+class RecoverLaunch:
+    nproc: int = 1  # ranks when bulwark starts torchrun itself
+    master_port: int = 0  # 0 = pick a free port
+
+
+@dataclass
+class RecoverConfig:
+    out_dir: str = "runs/recover"
+    method: str = "restore"
+    aligned: str = ""  # A: HF folder, .gguf, "embedded"
+    finetuned: str = ""  # B: HF folder, or a LoRA adapter folder (merged onto its base first)
+    base: str = ""  # safelora only: the unaligned model A was aligned from
+    dtype: str = "fp32"
+    seed: int = 42
+    data: RecoverData = field(default_factory=RecoverData)
+    restore: RestoreConfig = field(default_factory=RestoreConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    eval: HarmEvalConfig = field(default_factory=HarmEvalConfig)
+    safelora: SafeLoraConfig = field(default_factory=SafeLoraConfig)
+    launch: RecoverLaunch = field(default_factory=RecoverLaunch)
+
+
+def load_recover_config(path: str | Path | None, overrides: list[str] | None = None) -> RecoverConfig:
+    """Defaults < YAML file < key=value overrides; then value checks that need no files."""
+    values: dict[str, Any] = read_yaml(path) if path is not None else {}
+    values = deep_merge(values, parse_overrides(overrides or []))
+    values.pop("stage", None)  # a resolved config written by a run carries it
+    cfg = build_dataclass(RecoverConfig, values, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RecoverConfig) -> None:
+    r, t = cfg.restore, cfg.task
+    checks = [
+        (cfg.method in METHODS, f"method = {cfg.method!r}: choose one of {', '.join(METHODS)}"),
+        (bool(cfg.aligned), "aligned: give the aligned model A (an HF folder, e.g. runs/align/model)"),
+        (bool(cfg.finetuned), "finetuned: give the fine-tuned model B (an HF folder or a LoRA adapter folder)"),
+        (cfg.method != "safelora" or bool(cfg.base), "base: safelora needs the unaligned base model A came from"),
+        (cfg.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),
+        (cfg.data.template in ("chat", "alpaca"), "data.template must be chat or alpaca"),
+        (cfg.data.max_length >= 8, f"data.max_length = {cfg.data.max_length} is too small (>= 8)"),
+        (cfg.data.harmful_n >= 1, f"data.harmful_n = {cfg.data.harmful_n} must be at least 1"),
+        (cfg.data.task_n >= 1, f"data.task_n = {cfg.data.task_n} must be at least 1"),
+        (r.layer >= 0, f"restore.layer = {r.layer} must be >= 0 (0 = two thirds of the depth)"),
+        (r.layers_from >= 0 and r.layers_to >= 0, "restore.layers_from / layers_to must be >= 0"),
+        (0.0 < r.fraction <= 1.0, f"restore.fraction = {r.fraction} must be in (0, 1]"),
+        (r.steps >= 1, f"restore.steps = {r.steps} must be at least 1"),
+        (1 <= r.warmup_steps <= r.steps, f"restore.warmup_steps = {r.warmup_steps} must be in [1, steps]"),
+        (r.checkpoint_every >= 1, f"restore.checkpoint_every = {r.checkpoint_every} must be at least 1"),
+        (0.0 <= r.max_drop < 1.0, f"restore.max_drop = {r.max_drop} must be in [0, 1)"),
+        (0.0 < r.rollback_fraction <= 1.0, f"restore.rollback_fraction = {r.rollback_fraction} must be in (0, 1]"),
+        (r.micro_batch_size >= 1, "restore.micro_batch_size must be at least 1"),
+        (t.metric in TASK_METRICS, f"task.metric = {t.metric!r}: choose one of {', '.join(TASK_METRICS)}"),
+        (t.n >= 1 and t.max_new_tokens >= 1 and t.batch_size >= 1, "task.n, max_new_tokens, batch_size must be >= 1"),
+        (cfg.eval.n >= 0, f"eval.n = {cfg.eval.n} must be >= 0 (0 = no HS figures)"),
+        (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1"),
+        (0.0 <= cfg.safelora.threshold <= 1.0, f"safelora.threshold = {cfg.safelora.threshold} must be in [0, 1]"),
+        (cfg.launch.nproc >= 1, f"launch.nproc = {cfg.launch.nproc} must be at least 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise BulwarkInputError(message)
+
+
+def write_recover_config(cfg: RecoverConfig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump({**asdict(cfg), "stage": "recover"}, sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,369 @@
+"""Gradient-ranked restore with rollback ("Alleviating the Fear of Losing Alignment", written anew).
+
+A is the aligned model, B the fine-tuned one, W the model being repaired (it starts as B). Every element
+of W is at all times either B's value or A's value, so the whole state is one boolean mask per weight:
+"restored" (W = A there) or not (W = B).
+
+Restore step. The loss is -cos(mean last-token hidden state of W after layer L on the harmful recovery
+prompts, d_harm), where d_harm is the same mean for A. Its gradient G is summed over the steps of a run.
+Gradient descent moves an element by -lr * G; that moves W toward A exactly where W - A and G have the
+same sign (W above A and G > 0: descent lowers W; W below A and G < 0: descent raises it). So the
+candidates are the elements with sign(W - A) == sign(G), both nonzero, and the k with the largest |G|
+(k = fraction * number of weights in the chosen layers) are set to A's values: the full step to A.
+
+Rollback. After `warmup_steps` steps the task is scored; below (1 - max_drop) * B's score, the run
+starts over from B and every restore is followed by a rollback: under the loss -cos(mean hidden state of
+W on task prompts, d_benign) (d_benign: the same mean for B), among the elements restored in this step
+those where sign(W - B) == sign(gradient) are ranked by |gradient|, and the top rollback_fraction of them
+go back to B's values. The rollback gradient is fresh each step (not summed).
+
+Checkpoints every `checkpoint_every` steps score the task; the result is the last checkpoint whose score
+is at or above the floor (none: B unchanged).
+
+Ranks: the prompts' micro-batches are split across ranks; each chosen weight has one owner rank
+(weight index % world) that keeps its A and B values, summed gradient and mask, so that state shrinks with
+the number of ranks. The top-k is exact across ranks: each rank offers its k best, the k-th best overall
+is the threshold, and elements tied with it are taken in (weight order, element order), so the selection
+is the same at every world size.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bulwark.engine import all_reduce_sum, broadcast_object, gather_for_edit
+from bulwark.errors import BulwarkInputError
+from bulwark.recover.checkpoints import TensorStore
+from bulwark.recover.config import RestoreConfig
+from bulwark.recover.hidden import Batch, LayerwiseModel, count_rows, local_batches
+
+TaskMetric = Callable[[torch.nn.Module], float]  # higher is better; called on every rank, same answer on all
+LogFn = Callable[[dict[str, Any]], None]
+
+
+def default_layer(depth: int) -> int:
+    """Two thirds of the depth, at least 1."""
+    return max(1, round(2 * depth / 3))
+
+
+def chosen_weights(
+    model: torch.nn.Module, cfg: RestoreConfig
+) -> tuple[int, int, list[tuple[int, str, torch.nn.Parameter]]]:
+    """(L, lowest layer, [(layer index, name, parameter)]) of the weights a restore may change."""
+    from bulwark.recover.hidden import decoder_layers
+
+    prefix, layers = decoder_layers(model)
+    depth = len(layers)
+    layer = cfg.layer or default_layer(depth)
+    top = cfg.layers_to or layer
+    if not 1 <= layer <= depth:
+        raise BulwarkInputError(f"restore.layer = {layer} outside 1..{depth} (the model has {depth} decoder layers)")
+    if not cfg.layers_from < top <= layer:
+        raise BulwarkInputError(
+            f"restore layers [{cfg.layers_from}, {top}) must be non-empty and end at or below restore.layer = "
+            f"{layer} (weights above layer L get no gradient)"
+        )
+    chosen = []
+    for i in range(cfg.layers_from, top):
+        for name, param in layers[i].named_parameters():
+            if cfg.skip_norms and "norm" in name:
+                continue
+            chosen.append((i, f"{prefix}.{i}.{name}", param))
+    return layer, cfg.layers_from, chosen
+
+
+def cosine_seed(mean: torch.Tensor, direction: torch.Tensor, rows: int) -> tuple[float, torch.Tensor]:
+    """(cos(mean, direction), d(-cos)/d(one row's hidden state)) for a mean over `rows` rows."""
+    m = mean.detach().clone().requires_grad_(True)
+    loss = -torch.nn.functional.cosine_similarity(m, direction.double(), dim=0)
+    loss.backward()
+    return -loss.item(), m.grad / rows
+
+
+# ---- distributed helpers -------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _reduce_to(tensor: torch.Tensor, owner: int) -> None:
+    rank, world = _world()
+    if world > 1:
+        torch.distributed.reduce(tensor, dst=owner)
+
+
+def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    _, world = _world()
+    if world == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(world)]
+    torch.distributed.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+# ---- state ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Owned:
+    """The restore state of one weight, on its owner rank (flat views)."""
+
+    param: torch.nn.Parameter
+    a: torch.Tensor
+    b: torch.Tensor
+    grad: torch.Tensor  # float64, summed over the steps of the current run
+    restored: torch.Tensor  # bool: W = A here
+
+
+@dataclass
+class RestoreResult:
+    kept_step: int  # the checkpoint whose masks were kept (0: none; the model is B)
+    score_b: float
+    floor: float
+    rolled_back: bool  # the run restarted with rollback
+    restored: dict[str, torch.Tensor] = field(default_factory=dict)  # on rank 0: name -> restored indices
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Restorer:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        aligned: TensorStore,
+        finetuned: TensorStore,
+        cfg: RestoreConfig,
+        log: LogFn | None = None,
+    ) -> None:
+        self.model, self.cfg = model, cfg
+        self.log = log or (lambda row: None)
+        self.rank, self.world = _world()
+        self.layer, self.lowest, chosen = chosen_weights(model, cfg)
+        self.runner = LayerwiseModel(model, self.layer, self.lowest)
+        self.names = [name for _, name, _ in chosen]
+        self.params = {name: p for _, name, p in chosen}
+        self.by_layer: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
+        for i, name, p in chosen:
+            self.by_layer.setdefault(i, []).append((name, p))
+        self.owner = {name: j % self.world for j, name in enumerate(self.names)}
+        self.total = sum(p.numel() for p in self.params.values())
+        self.k = max(1, math.ceil(cfg.fraction * self.total))
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.owned: dict[str, Owned] = {}
+        for name in self.names:
+            if self.owner[name] != self.rank:
+                continue
+            a, b = aligned.get(name).float().flatten(), finetuned.get(name).float().flatten()
+            if a.numel() != self.params[name].numel():
+                raise ValueError(f"{name}: {a.numel()} elements in the aligned model, model has "
+                                 f"{self.params[name].numel()}")
+            self.owned[name] = Owned(self.params[name], a, b, torch.zeros(a.numel(), dtype=torch.float64),
+                                     torch.zeros(a.numel(), dtype=torch.bool))
+
+    # ---- gradients ---------------------------------------------------------------------------------
+
+    def direction(self, batches: list[Batch]) -> torch.Tensor:
+        """The mean last-token hidden state after layer L of the current model (float64)."""
+        _, mean = self.runner.mean_last_hidden(local_batches(batches, self.rank, self.world), count_rows(batches))
+        return mean
+
+    def gradient(self, batches: list[Batch], direction: torch.Tensor) -> tuple[float, dict[str, torch.Tensor]]:
+        """(cos, {owned weight: flat float64 gradient of -cos(mean hidden state, direction), all ranks summed})."""
+        rows = count_rows(batches)
+        passes, mean = self.runner.mean_last_hidden(local_batches(batches, self.rank, self.world), rows)
+        cos, seed = cosine_seed(mean, direction, rows)
+        out: dict[str, torch.Tensor] = {}
+        for _, sums in self.runner.weight_grads(passes, seed, self.by_layer):
+            for name, grad in sums.items():  # one weight at a time to its owner
+                _reduce_to(grad, self.owner[name])
+                if name in self.owned:
+                    out[name] = grad.flatten()
+        return cos, out
+
+    # ---- selection ---------------------------------------------------------------------------------
+
+    def top_k(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+        """The k largest scores over every rank's owned weights (score < 0: not a candidate).
+
+        Exact and rank-independent: ties with the k-th value go to the earliest weight, then element.
+        Returns {owned name: flat indices}.
+        """
+        best, n_local = torch.empty(0, dtype=torch.float64), 0
+        for name in self.names:  # a running top-k: memory stays at k + one weight
+            if name in scores:
+                candidates = scores[name][scores[name] >= 0]
+                n_local += candidates.numel()
+                merged = torch.cat([best, candidates])
+                best = torch.topk(merged, min(k, merged.numel())).values
+        offered = torch.full((k,), -1.0, dtype=torch.float64)
+        offered[: best.numel()] = best
+        n_candidates = all_reduce_sum(torch.tensor([float(n_local)], dtype=torch.float64))
+        if n_candidates.item() <= k:  # k or fewer candidates in all: take them all
+            return {n: torch.nonzero(s >= 0).flatten() for n, s in scores.items()}
+        threshold = torch.topk(_all_gather(offered), k).values[-1]
+        counts = torch.zeros((len(self.names), 2), dtype=torch.float64)
+        for j, name in enumerate(self.names):
+            if name in scores:
+                counts[j, 0] = (scores[name] > threshold).sum()
+                counts[j, 1] = (scores[name] == threshold).sum()
+        counts = all_reduce_sum(counts)
+        ties_left = k - int(counts[:, 0].sum())
+        chosen: dict[str, torch.Tensor] = {}
+        for j, name in enumerate(self.names):
+            take = min(int(counts[j, 1]), max(ties_left, 0))
+            ties_left -= take
+            if name not in scores:
+                continue
+            above = torch.nonzero(scores[name] > threshold).flatten()
+            tied = torch.nonzero(scores[name] == threshold).flatten()[:take]
+            chosen[name] = torch.sort(torch.cat([above, tied])).values
+        return chosen
+
+    # ---- edits -------------------------------------------------------------------------------------
+
+    def _apply(self, edits: dict[str, torch.Tensor], to_a: bool) -> dict[str, int]:
+        """Set the given owned elements to A (to_a) or B; every rank applies every rank's edits.
+
+        Returns {name: count} over all ranks.
+        """
+        mine = {}
+        for name, idx in edits.items():
+            own = self.owned[name]
+            own.restored[idx] = to_a
+            mine[name] = (idx, (own.a if to_a else own.b)[idx])
+        everything: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for src in range(self.world):
+            part = broadcast_object(mine if src == self.rank else None, src) if self.world > 1 else mine
+            everything.update(part)
+        counts = {}
+        for name in self.names:
+            if name not in everything:
+                continue
+            idx, values = everything[name]
+            counts[name] = int(idx.numel())
+            if idx.numel() == 0:
+                continue
+            param = self.params[name]
+            with gather_for_edit([param]), torch.no_grad():
+                param.data.view(-1)[idx] = values.to(param.dtype)
+        return counts
+
+    def restore_step(self, harmful: list[Batch], d_harm: torch.Tensor) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
+        cos, grads = self.gradient(harmful, d_harm)
+        scores = {}
+        for name, own in self.owned.items():
+            own.grad += grads[name]
+            diff = torch.where(own.restored, torch.zeros_like(own.a), own.b - own.a)  # W - A
+            agree = (torch.sign(diff) == torch.sign(own.grad)) & (diff != 0)
+            scores[name] = torch.where(agree, own.grad.abs(), torch.full_like(own.grad, -1.0))
+        picked = self.top_k(scores, self.k)
+        return cos, picked, self._apply(picked, to_a=True)
+
+    def rollback_step(self, task: list[Batch], d_benign: torch.Tensor,
+                      just_restored: dict[str, torch.Tensor]) -> tuple[float, dict[str, int]]:
+        cos, grads = self.gradient(task, d_benign)
+        scores, n_candidates = {}, torch.zeros(1, dtype=torch.float64)
+        for name, own in self.owned.items():
+            score = torch.full_like(own.grad, -1.0)
+            idx = just_restored.get(name, torch.empty(0, dtype=torch.long))
+            diff = own.a[idx] - own.b[idx]  # W - B where W was just set to A
+            g = grads[name][idx]
+            agree = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
+            score[idx[agree]] = g[agree].abs()
+            scores[name] = score
+            n_candidates += agree.sum()
+        n = int(all_reduce_sum(n_candidates).item())
+        if n == 0:
+            return cos, {}
+        k = math.ceil(self.cfg.rollback_fraction * n)
+        return cos, self._apply(self.top_k(scores, k), to_a=False)
+
+    def reset_to_b(self) -> None:
+        self._apply({name: torch.nonzero(own.restored).flatten() for name, own in self.owned.items()}, to_a=False)
+        for own in self.owned.values():
+            own.grad.zero_()
+
+    def snapshot(self) -> dict[str, torch.Tensor]:
+        return {name: own.restored.clone() for name, own in self.owned.items()}
+
+    def gather_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """{name: restored flat indices} of every weight, on every rank."""
+        mine = {name: torch.nonzero(m).flatten() for name, m in masks.items()}
+        out: dict[str, torch.Tensor] = {}
+        for src in range(self.world):
+            out.update(broadcast_object(mine if src == self.rank else None, src) if self.world > 1 else mine)
+        return out
+
+    def n_restored(self) -> int:
+        count = torch.tensor([float(sum(int(o.restored.sum()) for o in self.owned.values()))], dtype=torch.float64)
+        return int(all_reduce_sum(count).item())
+
+    # ---- the schedule ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        harmful: list[Batch],
+        task: list[Batch],
+        d_harm: torch.Tensor,
+        d_benign: torch.Tensor,
+        metric: TaskMetric,
+        harm_score: TaskMetric | None = None,
+    ) -> RestoreResult:
+        cfg = self.cfg
+        score_b = metric(self.model)
+        floor = (1.0 - cfg.max_drop) * score_b
+        result = RestoreResult(kept_step=0, score_b=score_b, floor=floor, rolled_back=False)
+        self.log({"event": "start", "task_score": score_b, "floor": floor, "layer": self.layer,
+                  "layers": [self.lowest, self.lowest + len(self.by_layer)], "weights": self.total, "k": self.k,
+                  "world_size": self.world})
+        kept: dict[str, torch.Tensor] | None = None
+        rollback = False
+        step = 0
+        while step < cfg.steps:
+            step += 1
+            started = time.perf_counter()
+            cos, picked, restored = self.restore_step(harmful, d_harm)
+            row: dict[str, Any] = {"event": "step", "step": step, "phase": "rollback" if rollback else "restore",
+                                   "cos_harm": cos, "restored": restored, "restored_total": sum(restored.values())}
+            if rollback:
+                cos_b, rolled = self.rollback_step(task, d_benign, picked)
+                row.update({"cos_benign": cos_b, "rolled_back": rolled, "rolled_back_total": sum(rolled.values())})
+            row["changed"] = self.n_restored()
+            row["seconds"] = round(time.perf_counter() - started, 3)
+            self.log(row)
+
+            at_warmup = step == cfg.warmup_steps and not rollback
+            if not (at_warmup or step % cfg.checkpoint_every == 0 or step == cfg.steps):
+                continue
+            score = metric(self.model)
+            check = {"event": "checkpoint", "step": step, "phase": row["phase"], "task_score": score,
+                     "floor": floor, "changed": row["changed"]}
+            if harm_score is not None:
+                check["harmful_score"] = harm_score(self.model)
+            if at_warmup and score < floor and cfg.rollback:
+                check["action"] = "restart from B with rollback"
+                self.log(check)
+                result.checkpoints.append(check)
+                self.reset_to_b()
+                rollback, result.rolled_back, step, kept = True, True, 0, None
+                continue
+            check["kept"] = score >= floor
+            if check["kept"]:
+                kept, result.kept_step = self.snapshot(), step
+            self.log(check)
+            result.checkpoints.append(check)
+        if kept is None:
+            kept = {name: torch.zeros_like(own.restored) for name, own in self.owned.items()}
+        result.restored = self.gather_masks(kept)
+        return result

@@ -1,0 +1,318 @@
+"""`bulwark recover`: repair a fine-tuned model B toward its aligned model A.
+
+    python -m bulwark.recover.recipe [CONFIG] [key=value ...] [--overwrite]         one process
+    torchrun --nproc_per_node N -m bulwark.recover.recipe [CONFIG] [key=value ...]   N ranks
+
+`method=restore` (default): gradient-ranked restore with rollback (bulwark/recover/method.py).
+`method=safelora`: SafeLoRA-style projection (bulwark/recover/safelora.py), one process.
+
+Everything that can be checked without loading a model (config, model folders, A/B compatibility, data
+files, prompts) is checked before any rank starts: bad input costs one `error:` line and exit code 2.
+
+The run folder (out_dir):
+  config.yaml     the resolved config
+  model/          the repaired model, an HF folder (written to model.tmp, then renamed)
+  adapter/        safelora with a LoRA input: the projected adapter
+  log.jsonl       restore: one row per step (restored / rolled-back counts per weight) and per checkpoint
+                  (task score, floor, HS when eval.n > 0); safelora: one row per layer (cos, projected)
+  summary.json    the outcome and wall time
+  DONE            written last, as the other stages do (bench skips finished runs by it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bulwark.errors import BulwarkInputError
+from bulwark.recover.config import RecoverConfig, load_recover_config, write_recover_config
+
+
+@dataclass
+class Inputs:
+    aligned: Path  # A, an HF folder
+    finetuned: Path  # B: an HF folder, or a LoRA adapter folder
+    finetuned_base: Path | None  # the adapter's base when B is an adapter
+    base: Path | None  # safelora: the unaligned base
+    data_dir: Path | None
+
+
+# ---- checks before any rank starts ---------------------------------------------------------------------
+
+
+def _model_folder(name: str, key: str) -> Path:
+    from bulwark import models
+
+    if name == "tiny":
+        raise BulwarkInputError(f"{key}: 'tiny' is built in memory; save it first (models.save_tiny_llama)")
+    try:
+        return Path(models.resolve_model_path(name))
+    except BulwarkInputError as exc:
+        raise BulwarkInputError(f"{key}: {exc}") from None
+
+
+def check_inputs(cfg: RecoverConfig, overwrite: bool) -> Inputs:
+    """Resolve and check every input; raises BulwarkInputError with one clear line."""
+    from bulwark import models
+    from bulwark.data.readers import resolve_data_dir
+    from bulwark.recover.checkpoints import check_compatible
+
+    out = Path(cfg.out_dir)
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 may already have made out_dir
+    if first_rank and out.exists() and any(out.iterdir()) and not overwrite:
+        raise BulwarkInputError(f"{out} already holds a run; pass --overwrite to replace it")
+    aligned = _model_folder(cfg.aligned, "aligned")
+    finetuned_base = None
+    base = _model_folder(cfg.base, "base") if cfg.base else None
+    if models.is_adapter_dir(cfg.finetuned):
+        finetuned = Path(cfg.finetuned).expanduser()
+        if cfg.method == "restore":  # merged onto its base; safelora adds it to the aligned model instead
+            finetuned_base = _model_folder(models.base_of(cfg.finetuned), f"finetuned (the base of {finetuned})")
+    else:
+        finetuned = _model_folder(cfg.finetuned, "finetuned")
+    if finetuned_base is not None or not models.is_adapter_dir(finetuned):
+        check_compatible(aligned, finetuned_base or finetuned)
+    if base is not None and cfg.method == "safelora":
+        check_compatible(base, aligned)
+    data_dir = resolve_data_dir(cfg.data.dir)
+    if cfg.method == "restore":
+        _check_restore_data(cfg, data_dir)
+    return Inputs(aligned, finetuned, finetuned_base, base, data_dir)
+
+
+def _check_restore_data(cfg: RecoverConfig, data_dir: Path | None) -> None:
+    from bulwark.recover.task import load_rows, metric_kind
+
+    load_rows(cfg.data.harmful, cfg.data.harmful_n, data_dir, "data.harmful", cfg.data.harmful_format)
+    load_rows(cfg.data.task, cfg.data.task_n, data_dir, "data.task", cfg.data.task_format)
+    metric_kind(cfg)
+    load_rows(cfg.task.eval_set, cfg.task.n, data_dir, "task.eval_set")
+    if cfg.eval.n > 0:
+        from bulwark.eval.judges import check_judge_name
+
+        check_judge_name(cfg.eval.judge)
+        load_rows(cfg.eval.prompts, cfg.eval.n, data_dir, "eval.prompts", fmt="prompt_only")
+
+
+# ---- launching ------------------------------------------------------------------------------------------
+
+
+def _argv(config: str | None, overrides: list[str], overwrite: bool) -> list[str]:
+    return ([config] if config else []) + list(overrides) + (["--overwrite"] if overwrite else [])
+
+
+def launch_recover(config: str | None, overrides: list[str], overwrite: bool = False) -> int:
+    """Check the inputs here, then run in this process (one rank, or already under torchrun/srun) or
+    start torchrun with launch.nproc ranks. Returns the exit code."""
+    from bulwark.engine.dist import free_port, under_launcher
+
+    cfg = load_recover_config(config, overrides)
+    inputs = check_inputs(cfg, overwrite)
+    nproc = 1 if cfg.method == "safelora" else cfg.launch.nproc
+    if nproc == 1 or under_launcher() or "SLURM_PROCID" in os.environ:
+        run(cfg, inputs, overwrite)
+        return 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_addr", "127.0.0.1", "--master_port", str(cfg.launch.master_port or free_port()),
+           "-m", "bulwark.recover.recipe", *_argv(config, overrides, overwrite)]
+    env = {**os.environ}
+    if not torch.cuda.is_available():  # torchrun pins each rank to one thread; let the ranks share the cores
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.call(cmd, env=env)
+
+
+def _init_ranks() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+# ---- the run --------------------------------------------------------------------------------------------
+
+
+class JsonlLog:
+    """Rank 0 appends rows to log.jsonl and prints a short line per row; other ranks stay silent."""
+
+    def __init__(self, path: Path, rank: int) -> None:
+        self.file = path.open("a") if rank == 0 else None
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        brief = {k: v for k, v in row.items() if not isinstance(v, dict)}
+        print(f"[recover] {json.dumps(brief)}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def run(cfg: RecoverConfig, inputs: Inputs, overwrite: bool, metric: Any = None) -> dict[str, Any] | None:
+    """Run the stage in every rank; rank 0 returns the summary, other ranks None.
+
+    `metric` replaces the config's task metric (a callable model -> score, higher is better).
+    """
+    from bulwark.engine import barrier
+
+    started = time.perf_counter()
+    rank, world = _init_ranks()
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        if out.exists() and overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_recover_config(cfg, out / "config.yaml")
+    barrier()
+    log = JsonlLog(out / "log.jsonl", rank)
+    try:
+        if cfg.method == "safelora":
+            summary = _safelora(cfg, inputs, out, log) if rank == 0 else None
+        else:
+            summary = _restore(cfg, inputs, out, log, rank, world, metric)
+    finally:
+        log.close()
+    if rank == 0 and summary is not None:
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        summary["world_size"] = world
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        tmp.replace(out / "summary.json")
+        (out / "DONE").write_text(json.dumps({"stage": "recover", "method": cfg.method}))  # as align/finetune
+        print(f"[recover] done in {summary['seconds']} s -> {out / 'model'}", file=sys.stderr, flush=True)
+    barrier()
+    return summary
+
+
+def _safelora(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog) -> dict[str, Any]:
+    from bulwark.recover.safelora import run_safelora
+
+    assert inputs.base is not None
+    decisions = run_safelora(inputs.base, inputs.aligned, inputs.finetuned, out, cfg.safelora.threshold,
+                             cfg.safelora.target_modules)
+    for d in decisions:
+        log({"event": "layer", **asdict(d)})
+    return {"method": "safelora", "threshold": cfg.safelora.threshold, "layers": len(decisions),
+            "projected": sum(d.projected for d in decisions),
+            "input": "lora" if (inputs.finetuned / "adapter_config.json").is_file() else "full"}
+
+
+def _merged_finetuned(cfg: RecoverConfig, inputs: Inputs, out: Path, rank: int) -> Path:
+    """B as a full HF folder: a LoRA adapter is merged onto its base once, by rank 0."""
+    from bulwark.engine import barrier
+
+    if inputs.finetuned_base is None:
+        return inputs.finetuned
+    target = out / "finetuned_merged"
+    if rank == 0:
+        from peft import PeftModel
+
+        from bulwark.models import load_model, load_tokenizer
+
+        model = PeftModel.from_pretrained(load_model(str(inputs.finetuned_base), cfg.dtype), str(inputs.finetuned))
+        merged = model.merge_and_unload()
+        has_tokenizer = (inputs.finetuned / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(inputs.finetuned if has_tokenizer else inputs.finetuned_base))
+        tmp = out / "finetuned_merged.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(target)
+    barrier()
+    return target
+
+
+def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank: int, world: int,
+             metric: Any) -> dict[str, Any] | None:
+    from bulwark.models import load_model, load_tokenizer
+    from bulwark.recover.checkpoints import TensorStore, write_model
+    from bulwark.recover.hidden import LayerwiseModel, count_rows, local_batches
+    from bulwark.recover.method import Restorer, chosen_weights
+    from bulwark.recover.task import harm_metric, load_rows, prompt_batches, task_metric
+
+    finetuned = _merged_finetuned(cfg, inputs, out, rank)
+    tokenizer = load_tokenizer(str(finetuned))
+    harmful = prompt_batches(load_rows(cfg.data.harmful, cfg.data.harmful_n, inputs.data_dir, "data.harmful",
+                                       cfg.data.harmful_format),
+                             tokenizer, cfg)
+    task = prompt_batches(load_rows(cfg.data.task, cfg.data.task_n, inputs.data_dir, "data.task",
+                                    cfg.data.task_format), tokenizer, cfg)
+    description = "given by the caller"
+    if metric is None:
+        metric, description = task_metric(cfg, tokenizer, inputs.data_dir)
+    harm_score = harm_metric(cfg, tokenizer, inputs.data_dir)
+
+    # d_harm: A's mean last-token hidden state after layer L on the recovery prompts
+    model_a = load_model(str(inputs.aligned), cfg.dtype).eval()
+    layer, lowest, _ = chosen_weights(model_a, cfg.restore)
+    runner = LayerwiseModel(model_a, layer, lowest)
+    _, d_harm = runner.mean_last_hidden(local_batches(harmful, rank, world), count_rows(harmful))
+    del model_a, runner
+
+    model = load_model(str(finetuned), cfg.dtype).eval()
+    restorer = Restorer(model, TensorStore(inputs.aligned, "aligned model"), TensorStore(finetuned, "fine-tuned model"),
+                        cfg.restore, log)
+    d_benign = restorer.direction(task)  # the same for B on the task prompts
+    result = restorer.run(harmful, task, d_harm, d_benign, metric, harm_score)
+
+    store_a = TensorStore(inputs.aligned, "aligned model")
+    if rank == 0:
+        def repaired(name: str, weight: torch.Tensor) -> torch.Tensor:
+            idx = result.restored.get(name)
+            if idx is None or idx.numel() == 0:
+                return weight
+            flat = weight.clone().flatten()
+            flat[idx] = store_a.get(name).flatten()[idx].to(weight.dtype)
+            return flat.view_as(weight)
+
+        write_model(finetuned, out / "model", repaired)
+    changed = sum(int(i.numel()) for i in result.restored.values())
+    return {"method": "restore", "aligned": str(inputs.aligned), "finetuned": str(inputs.finetuned),
+            "task_metric": description, "task_score_B": result.score_b, "floor": result.floor,
+            "rolled_back": result.rolled_back, "kept_step": result.kept_step, "changed_elements": changed,
+            "weights_in_layers": restorer.total, "k_per_step": restorer.k, "layer": restorer.layer,
+            "layers": [restorer.lowest, restorer.lowest + len(restorer.by_layer)],
+            "checkpoints": result.checkpoints} if rank == 0 else None
+
+
+# ---- entry point ----------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bulwark.recover.recipe")
+    parser.add_argument("config", nargs="?", default=None)
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    if args.config is not None and "=" in args.config:  # no YAML file, only overrides
+        args.overrides.insert(0, args.config)
+        args.config = None
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        code = launch_recover(args.config, args.overrides, args.overwrite)
+    except BulwarkInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

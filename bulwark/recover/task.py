@@ -1,0 +1,171 @@
+"""Prompts and scores for recover: the recovery and task prompt sets, the task metric, the HS figure.
+
+Task metrics (higher is better; every rank calls them and gets the same number):
+  accuracy  greedy answers to the first `task.n` rows of `task.eval_set`, scored by bulwark.eval.metrics
+            (sst2 / agnews / gsm8k), in percent
+  loss      exp(-mean response-token loss) over the same rows: the geometric mean probability of the
+            reference answer, in (0, 1]; a floor of 95% of B's value lets the loss rise by -ln 0.95 = 0.051
+  auto      accuracy when the eval package and an sst2 / agnews / gsm8k eval set are there, else loss
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bulwark.data import Example, load_examples, render_prompt, tokenize_example
+from bulwark.data.formats import guess_format
+from bulwark.data.readers import find_file
+from bulwark.engine import all_reduce_sum, broadcast_object
+from bulwark.errors import BulwarkInputError
+from bulwark.recover.config import RecoverConfig
+from bulwark.recover.hidden import Batch, make_batches, prompt_ids
+from bulwark.recover.method import TaskMetric
+
+ACCURACY_TASKS = ("sst2", "agnews", "gsm8k")
+
+
+def _world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def load_rows(source: str, n: int, data_dir: str | Path | None, what: str, fmt: str | None = None) -> list[Example]:
+    """The first n rows of a data set, or one clear error naming the config key."""
+    try:
+        if not source.startswith("hf:"):
+            find_file(source, data_dir)  # a missing file says so before its format is guessed
+        rows = load_examples(source, fmt, data_dir)
+    except BulwarkInputError as exc:
+        raise BulwarkInputError(f"{what}: {exc}") from None
+    rows = [r for r in rows if r.prompt.strip()][:n]
+    if not rows:
+        raise BulwarkInputError(f"{what}: {source} has no prompts")
+    return rows
+
+
+def render(rows: list[Example], tokenizer: Any, template: str) -> list[str]:
+    return [render_prompt(Example(r.prompt, "", input=r.input), template, tokenizer) for r in rows]
+
+
+def prompt_batches(rows: list[Example], tokenizer: Any, cfg: RecoverConfig) -> list[Batch]:
+    ids = [prompt_ids(tokenizer, text, cfg.data.max_length) for text in render(rows, tokenizer, cfg.data.template)]
+    return make_batches(ids, tokenizer.pad_token_id, cfg.restore.micro_batch_size)
+
+
+# ---- the task metric ---------------------------------------------------------------------------------
+
+
+def metric_kind(cfg: RecoverConfig) -> str:
+    """accuracy | loss, resolving `auto`; errors when accuracy is asked of a set it cannot score."""
+    fmt = guess_format(cfg.task.eval_set)
+    if cfg.task.metric == "loss":
+        return "loss"
+    try:
+        import bulwark.eval.generate  # noqa: F401
+        import bulwark.eval.metrics  # noqa: F401
+
+        have_eval = True
+    except ImportError:
+        have_eval = False
+    if cfg.task.metric == "auto":
+        return "accuracy" if have_eval and fmt in ACCURACY_TASKS else "loss"
+    if fmt not in ACCURACY_TASKS:
+        raise BulwarkInputError(
+            f"task.metric=accuracy scores {', '.join(ACCURACY_TASKS)} rows; {cfg.task.eval_set} is {fmt}: "
+            "use task.metric=loss"
+        )
+    if not have_eval:
+        raise BulwarkInputError("task.metric=accuracy needs the bulwark.eval package; use task.metric=loss")
+    return "accuracy"
+
+
+def task_metric(cfg: RecoverConfig, tokenizer: Any, data_dir: str | Path | None) -> tuple[TaskMetric, str]:
+    """(metric, description) for the config's task section."""
+    kind = metric_kind(cfg)
+    rows = load_rows(cfg.task.eval_set, cfg.task.n, data_dir, "task.eval_set")
+    if kind == "accuracy":
+        return accuracy_metric(rows, guess_format(cfg.task.eval_set), tokenizer, cfg), (
+            f"{guess_format(cfg.task.eval_set)} accuracy (%) on the first {len(rows)} rows of {cfg.task.eval_set}")
+    return loss_metric(rows, tokenizer, cfg), (
+        f"exp(-response token loss) on the first {len(rows)} rows of {cfg.task.eval_set}")
+
+
+def accuracy_metric(rows: list[Example], task: str, tokenizer: Any, cfg: RecoverConfig) -> TaskMetric:
+    from bulwark.eval.generate import generate
+    from bulwark.eval.metrics import is_correct
+
+    prompts = render(rows, tokenizer, cfg.data.template)
+
+    def metric(model: torch.nn.Module) -> float:
+        rank, world = _world()
+        mine = list(range(rank, len(rows), world))
+        outputs = generate(model, tokenizer, [prompts[i] for i in mine], cfg.task.max_new_tokens,
+                           cfg.task.batch_size) if mine else []
+        correct = sum(is_correct(task, out, rows[i].label or "") for i, out in zip(mine, outputs, strict=True))
+        counts = all_reduce_sum(torch.tensor([float(correct), float(len(mine))], dtype=torch.float64))
+        return 100.0 * float(counts[0]) / float(counts[1])
+
+    return metric
+
+
+def loss_metric(rows: list[Example], tokenizer: Any, cfg: RecoverConfig) -> TaskMetric:
+    from bulwark.data import pad_collate
+
+    features = [tokenize_example(r, tokenizer, cfg.data.template, cfg.data.max_length) for r in rows]
+    size = cfg.task.batch_size
+    batches = [pad_collate(features[i : i + size], tokenizer.pad_token_id) for i in range(0, len(features), size)]
+
+    @torch.no_grad()
+    def metric(model: torch.nn.Module) -> float:
+        rank, world = _world()
+        total = torch.zeros(2, dtype=torch.float64)
+        for batch in batches[rank::world]:
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:]
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum",
+                ignore_index=-100)
+            total += torch.tensor([float(nll), float((labels != -100).sum())], dtype=torch.float64)
+        total = all_reduce_sum(total)
+        return math.exp(-float(total[0]) / max(1.0, float(total[1])))
+
+    return metric
+
+
+# ---- the harmful score ---------------------------------------------------------------------------------
+
+
+def harm_metric(cfg: RecoverConfig, tokenizer: Any, data_dir: str | Path | None) -> TaskMetric | None:
+    """HS (%) of greedy answers to the first eval.n prompts, judged on rank 0; None when eval.n = 0."""
+    if cfg.eval.n == 0:
+        return None
+    from bulwark.eval.generate import generate
+    from bulwark.eval.judges import get_judge
+
+    source = {"harmbench": "harmbench_behaviors"}.get(cfg.eval.prompts, cfg.eval.prompts)
+    rows = load_rows(source, cfg.eval.n, data_dir, "eval.prompts", fmt="prompt_only")
+    prompts = render(rows, tokenizer, cfg.data.template)
+    judge = get_judge(cfg.eval.judge, data_dir) if _world()[0] == 0 else None
+
+    def metric(model: torch.nn.Module) -> float:
+        rank, world = _world()
+        mine = list(range(rank, len(rows), world))
+        outputs = generate(model, tokenizer, [prompts[i] for i in mine], cfg.eval.max_new_tokens) if mine else []
+        answers: dict[int, str] = dict(zip(mine, outputs, strict=True))
+        if world > 1:
+            parts: list[Any] = [None] * world
+            torch.distributed.all_gather_object(parts, answers)
+            answers = {i: text for part in parts for i, text in part.items()}
+        score = None
+        if rank == 0:
+            ordered = [answers[i] for i in range(len(rows))]
+            verdicts = judge.judge([r.prompt for r in rows], ordered)
+            score = 100.0 * sum(v.harmful for v in verdicts) / len(verdicts)
+        return float(broadcast_object(score, 0))
+
+    return metric
