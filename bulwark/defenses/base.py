@@ -48,6 +48,10 @@ class TrainingView(Protocol):
         """The stepping pass, through the DeepSpeed engine."""
         ...
 
+    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The stepping pass, through the DeepSpeed engine, for defenses whose loss needs the logits."""
+        ...
+
     def local_shards(self) -> list[torch.Tensor]:
         """This rank's flat fp32 master partitions of the trainable weights, in a fixed order."""
         ...
@@ -58,6 +62,29 @@ class TrainingView(Protocol):
 
     def gathered(self, params: list[torch.nn.Parameter], modify: bool = False) -> AbstractContextManager:
         """Full values of `params` inside the block (ZeRO-3 gathers; a no-op otherwise)."""
+        ...
+
+    # weight perturbation and per-parameter shard access (Booster; ZeRO-3, see Engine)
+    def grad_accum_steps(self) -> int: ...
+
+    def forward_outputs(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        """The stepping pass through the engine, returning the model's whole output (hidden states...)."""
+        ...
+
+    def isolated_backward(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """Backward of an engine pass kept out of the step: this rank's shards of d loss / d w (rank mean)."""
+        ...
+
+    def accumulate_local_grads(self, grads: list[torch.Tensor]) -> None:
+        """Add shard-local gradients to this step's gradient like one more micro-batch's loss would."""
+        ...
+
+    def perturbed_weights(self, deltas: list[torch.Tensor]) -> AbstractContextManager:
+        """Forwards inside the block read w + delta per local shard; restored bit for bit afterwards."""
+        ...
+
+    def swapped_weights(self, shards: list[torch.Tensor]) -> AbstractContextManager:
+        """Forwards inside the block read `shards` as the trainable weights; restored bit for bit afterwards."""
         ...
 
 

@@ -191,6 +191,10 @@ class Engine:
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return model_loss(self.ds, self.to_device(batch))
 
+    def forward_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = self.to_device(batch)
+        return self.ds(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
     def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.ds.device) for k, v in batch.items()}
 
@@ -274,6 +278,145 @@ class Engine:
             else:
                 _atomic_dir(run_dir / "model", lambda d: _save_hf(module, state, tokenizer, d))
         barrier()
+
+    # ---- weight perturbation and per-parameter shard access (Booster) ----
+    #
+    # Defenses that need the weight gradient of an extra pass, or a forward at perturbed weights, get
+    # them here without ever holding the whole model on one rank (ZeRO-3 only):
+    # - an extra pass is a normal DeepSpeed forward + backward (`forward_loss`, then
+    #   `isolated_backward`): DeepSpeed's own reduce-scatter writes the rank-averaged gradient into
+    #   this rank's flat gradient partition, which is read out as this rank's shard and then put back
+    #   as it was, so the step's accumulated gradient never sees the extra pass;
+    # - `accumulate_local_grads` adds a shard-local gradient to the step as one more micro-batch would;
+    # - `perturbed_weights` / `swapped_weights` edit the local model-dtype partitions that every
+    #   forward all-gathers from, and copy the saved partitions back afterwards (bit for bit).
+    # The layout of DeepSpeed's flat gradient buffer and of its model-dtype partitions is that of
+    # `local_shards()` (the parameters of sub-group 0, then 1, ...; `partition_numel` each).
+
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per optimizer step (DeepSpeed's gradient_accumulation_steps)."""
+        return int(self.train.grad_accum)
+
+    def forward_outputs(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        """The stepping pass through the DeepSpeed engine, returning the model's whole output object
+        (for example with output_hidden_states=True); labels are not passed to the model."""
+        batch = self.to_device(batch)
+        return self.ds(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+
+    def isolated_backward(self, loss: torch.Tensor) -> list[torch.Tensor]:
+        """Backward of `loss` (from `forward_loss` / `forward_outputs`, i.e. through the engine) with
+        DeepSpeed's reduction, kept out of this step's gradient.
+
+        Returns this rank's shard of d loss / d w averaged over ranks (not divided by grad_accum), one
+        flat fp32 tensor per local shard, aligned with `local_shards()`. The gradient accumulated so
+        far in this optimizer step is left exactly as it was.
+        """
+        zero = self._zero3_for("isolated_backward")
+        buffer = zero.grad_partitions_flat_buffer
+        # Before the first backward of a step the buffer holds the previous step's gradient, which
+        # DeepSpeed overwrites (not adds to) in that backward: nothing to keep then.
+        saved = buffer.clone() if self._grads_accumulated() else None
+        buffer.zero_()
+        self.ds.backward(loss, scale_wrt_gas=False)
+        grads = [view.float().clone() for view in self._grad_views()]
+        if saved is None:
+            buffer.zero_()
+        else:
+            buffer.copy_(saved)
+        return grads
+
+    def accumulate_local_grads(self, grads: list[torch.Tensor]) -> None:
+        """Add `grads` (this rank's shards, laid out as `local_shards()`) to this step's gradient with
+        the weight `backward` gives one micro-batch's loss (1 / grad_accum).
+
+        Call it after a backward of this micro-batch (e.g. `isolated_backward`): only then is the
+        buffer this step's and does DeepSpeed's next backward add to it rather than overwrite it.
+        """
+        self._zero3_for("accumulate_local_grads")
+        if not self._grads_accumulated():
+            raise RuntimeError("accumulate_local_grads: run a backward of this micro-batch first")
+        scale = 1.0 / self.grad_accum_steps()
+        with torch.no_grad():
+            for view, grad in zip(self._grad_views(), grads, strict=True):
+                view.add_(grad.to(view.dtype), alpha=scale)
+
+    def perturbed_weights(self, deltas: list[torch.Tensor]) -> AbstractContextManager:
+        """Inside the block every forward reads w + delta, with w this rank's fp32 master shard and
+        `deltas` laid out as `local_shards()`; afterwards the weights are back bit for bit."""
+        shards = self.local_shards()
+        return self._weights_replaced(
+            [shard.detach().float() + delta.float() for shard, delta in zip(shards, deltas, strict=True)]
+        )
+
+    def swapped_weights(self, shards: list[torch.Tensor]) -> AbstractContextManager:
+        """Inside the block every forward reads `shards` (laid out as `local_shards()`) as the trainable
+        weights; afterwards the weights are back bit for bit."""
+        return self._weights_replaced(shards)
+
+    def _weights_replaced(self, values: list[torch.Tensor]) -> AbstractContextManager:
+        from collections.abc import Iterator
+        from contextlib import contextmanager
+
+        zero = self._zero3_for("perturbed/swapped weights")
+        if getattr(zero, "offload_param", False) and any(f is None for f in zero.fp16_partitioned_groups_flat):
+            raise BulwarkInputError("weight perturbation does not support NVMe parameter offload")
+        flats = list(zero.fp16_partitioned_groups_flat)  # what the forward all-gathers from
+        if len(flats) != len(values):
+            raise ValueError(f"expected {len(flats)} shards, got {len(values)}")
+
+        @contextmanager
+        def block() -> Iterator[None]:
+            # A copy, not `w - delta` afterwards: subtraction would not give back the same bits.
+            with torch.no_grad():
+                saved = [flat.clone() for flat in flats]
+                for flat, value in zip(flats, values, strict=True):
+                    flat.copy_(value.to(flat.dtype))
+                self._regather_persistent(zero)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    for flat, old in zip(flats, saved, strict=True):
+                        flat.copy_(old)
+                    self._regather_persistent(zero)
+
+        return block()
+
+    def _regather_persistent(self, zero: Any) -> None:
+        # Small "persistent" parameters stay gathered between forwards (from the first optimizer step
+        # on): rebuild those full copies from the edited partitions, as DeepSpeed does after its own
+        # step. Collective: every rank calls it with the same parameters.
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        gathered = [p for p in zero.persistent_parameters if p.ds_status == ZeroParamStatus.AVAILABLE]
+        if gathered:
+            gathered[0].partition(gathered)
+            gathered[0].all_gather(gathered)
+
+    def _zero3_for(self, what: str) -> Any:
+        if self.zero_stage != 3:
+            raise BulwarkInputError(f"{what} needs ZeRO stage 3 (launch.ds_config=zero3), not stage {self.zero_stage}")
+        zero = self.ds.optimizer
+        if getattr(zero, "offload_optimizer", False):
+            raise BulwarkInputError(f"{what} does not support optimizer offload yet (use launch.ds_config=zero3)")
+        if getattr(zero, "zero_hpz_partition_size", 1) > 1:
+            raise BulwarkInputError(f"{what} does not support ZeRO++ hierarchical partitioning (zero_hpz_partition_size)")
+        return zero
+
+    def _grad_views(self) -> list[torch.Tensor]:
+        buffer = self.ds.optimizer.grad_partitions_flat_buffer
+        views, offset = [], 0
+        for shard in self.local_shards():
+            views.append(buffer.narrow(0, offset, shard.numel()))
+            offset += shard.numel()
+        if offset != buffer.numel():
+            raise RuntimeError(f"ZeRO-3 gradient buffer has {buffer.numel()} elements, local shards {offset}")
+        return views
+
+    def _grads_accumulated(self) -> bool:
+        """Whether a backward has run since the last optimizer step (DeepSpeed then adds to the buffer)."""
+        zero = self.ds.optimizer
+        return zero.micro_step_id > 0 or bool(zero._epilogue_ran_this_backward)
 
 
 def gather_for_edit(params: list[torch.nn.Parameter]) -> AbstractContextManager:

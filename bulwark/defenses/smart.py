@@ -1,0 +1,262 @@
+"""SMART: smoothness-inducing adversarial regularization + Bregman proximal point (Jiang et al., 2020).
+
+"SMART: Robust and Efficient Fine-Tuning for Pre-trained Natural Language Models through Principled
+Regularized Optimization", ACL 2020; here at the fine-tuning stage. Every micro-batch minimises
+
+    L(θ) = CE(f(x; θ), y) + λ_s SymKL(f(x; θ), f(x + δ; θ)) + μ SymKL(f(x; θ), f(x; θ_ema))
+
+    SymKL(p, q) = mean over the attended tokens t of  KL(p_t || q_t) + KL(q_t || p_t)
+
+with f the model's next-token distributions. The second term is the smoothness-inducing regulariser
+R_s, δ a perturbation of the input embeddings (one vector per token) found by projected ascent:
+
+    δ ~ N(0, σ² I) on attended tokens, then K times, with f(x; θ) held fixed:
+        g = ∇_δ SymKL(f(x; θ), f(x + δ; θ));   δ_t ← clip(δ_t + η g_t / ||g_t||_∞, -ε, ε)   per token t
+
+The third term is the Bregman proximal point term D_Breg (the paper's momentum form): θ_ema starts at
+the initial trainable weights and after every optimizer step θ_ema ← β θ_ema + (1 - β) θ.
+Defaults: the reference code's (namisan/mt-dnn: adv_noise_var σ = 1e-5, adv_step_size η = 1e-5,
+adv_epsilon ε = 1e-6, adv_k K = 1, adv_alpha λ_s = 1) and the paper's (μ = 1, β = 0.99).
+
+Where this differs from the reference and why:
+- Projection: the paper's Algorithm 1 (normalise the gradient by its per-token ∞-norm, step, clip δ
+  to the ε ball). mt-dnn instead renormalises δ + η g to a unit per-token ∞-norm, using ε only as a
+  stabiliser; that makes |δ| ~ 1 whatever η is, which the paper's equations do not say.
+- Reduction: the mean over attended tokens (the CE convention of `bulwark.losses`) instead of
+  mt-dnn's sum over classes / batch size: a causal LM has one output distribution per token.
+- Gradient: the loss above is differentiated as written (both KL directions, both arguments; only
+  θ_ema and, in R_s's ascent, the clean output are constants). mt-dnn's criterion detaches the target
+  of each KL direction.
+- Precision: with bf16 weights the embeddings are bf16, and perturbations of 1e-6 round away on all
+  but the smallest entries; the defaults act as intended in fp32 (raise η, ε, σ for bf16 runs).
+
+Passes per micro-batch, all at the same weights (B rows):
+1. μ > 0: f(x; θ_ema) without grad. Under ZeRO-3 the engine swaps its local model-dtype weight
+   partitions for the EMA shard and back (`swapped_weights`), so no rank holds more than its usual
+   share. Under ZeRO-1/2 (whole weights on every rank anyway) the EMA shards are all-gathered into
+   whole weights once per optimizer step and the module is called functionally with them.
+2. ascent: clean and perturbed inputs stacked into one batch of 2B rows through `engine.module`,
+   gradient w.r.t. δ only (`torch.autograd.grad`).
+3. stepping: the same stacked batch with the final δ through `engine.forward_logits`: one forward
+   and one backward through the engine, the only shape that is correct under ZeRO-3 (DESIGN.md).
+δ enters through a forward hook on the input embedding module, out of place, so ZeRO-3 gathers the
+embedding weight inside its own forward as usual.
+
+ZeRO-3: the EMA is a copy of this rank's flat fp32 master shard only (trainable bytes / world size),
+updated in place after each optimizer step; it and the noise generator go into the per-rank checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from bulwark.defenses.base import Defense, TrainingView, register
+from bulwark.errors import BulwarkInputError
+from bulwark.losses import causal_lm_loss
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class SmartConfig:
+    lambda_s: float = 1.0  # weight of the smoothness regulariser R_s (mt-dnn adv_alpha)
+    mu: float = 1.0  # weight of the Bregman proximal term (paper)
+    beta: float = 0.99  # momentum of the EMA weights θ_ema (paper)
+    noise_std: float = 1e-5  # σ: standard deviation of δ's initial noise (mt-dnn adv_noise_var)
+    step_size: float = 1e-5  # η: ascent step on δ (mt-dnn adv_step_size)
+    epsilon: float = 1e-6  # ε: per-token ∞-norm radius of δ (mt-dnn adv_epsilon)
+    ascent_steps: int = 1  # K (mt-dnn adv_k)
+    seed: int = 0  # noise generator seed; rank r draws from its own stream
+
+
+def sym_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens with mask 1 of KL(p||q) + KL(q||p), in fp32; logits are (batch, tokens, vocab)."""
+    log_p = F.log_softmax(p_logits.float(), dim=-1)
+    log_q = F.log_softmax(q_logits.float(), dim=-1)
+    # KL(p||q) + KL(q||p) = sum_v (p_v - q_v)(log p_v - log q_v)
+    per_token = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def project_step(delta: torch.Tensor, grad: torch.Tensor, step_size: float, epsilon: float) -> torch.Tensor:
+    """δ + η g / ||g||_∞ per token (last dim), clipped to the ε ball of the ∞-norm; zero gradients stay put."""
+    scale = grad.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(grad.dtype).tiny)
+    return (delta + step_size * grad / scale).clamp(-epsilon, epsilon)
+
+
+@register
+class Smart(Defense):
+    name = "smart"
+    stages = ("finetune",)
+    Config = SmartConfig
+    summary = "adversarial smoothness on input embeddings + proximal pull to an EMA of the weights (SymKL)"
+
+    def __init__(self, config: SmartConfig, total_steps: int) -> None:
+        super().__init__(config, total_steps)
+        checks = [
+            (config.lambda_s >= 0 and config.mu >= 0, "defense.lambda_s and defense.mu must be >= 0"),
+            (0.0 <= config.beta <= 1.0, "defense.beta must be in [0, 1]"),
+            (config.noise_std >= 0 and config.step_size >= 0, "defense.noise_std and defense.step_size must be >= 0"),
+            (config.epsilon > 0, "defense.epsilon must be > 0"),
+            (config.ascent_steps >= 0, "defense.ascent_steps must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BulwarkInputError(message)
+        self.ema: list[torch.Tensor] = []  # this rank's flat fp32 shards of θ_ema
+        self.steps_done = 0
+        self.generator = torch.Generator()
+        self._offset: torch.Tensor | None = None  # added to the input embeddings while set
+        self._full_ema: dict[str, torch.Tensor] | None = None  # fallback path: full EMA weights, per step
+        self._hidden = 0  # embedding width, read in attach
+        self._partitioned = False  # ZeRO-3: weights live as shards, the EMA forward swaps them in
+        self._last: dict[str, float] = {}
+
+    # ---- set-up ----------------------------------------------------------------------------------
+
+    def attach(self, engine: TrainingView) -> None:
+        self.ema = [shard.detach().clone() for shard in engine.local_shards()]
+        # distinct streams per rank; the stream is saved with the checkpoint, so resume is exact
+        self.generator.manual_seed(self.config.seed * 1_000_003 + engine.rank)
+        embeddings = engine.module.get_input_embeddings()
+        self._hidden = int(embeddings.embedding_dim)
+        embeddings.register_forward_hook(self._perturb_embeddings)
+        self._partitioned = any(hasattr(p, "ds_id") for _, p in engine.trainable_parameters())
+        if self.config.mu > 0 and not self._partitioned:
+            self._check_fallback(engine)
+
+    def _perturb_embeddings(self, module: torch.nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if self._offset is None:
+            return None
+        if output.shape != self._offset.shape:
+            raise RuntimeError(f"SMART: embedding output {tuple(output.shape)} != perturbation {tuple(self._offset.shape)}")
+        return output + self._offset.to(output.dtype)
+
+    @contextmanager
+    def _perturbed(self, offset: torch.Tensor) -> Iterator[None]:
+        self._offset = offset
+        try:
+            yield
+        finally:
+            self._offset = None
+
+    # ---- the loss --------------------------------------------------------------------------------
+
+    def loss(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
+        cfg = self.config
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        rows = ids.size(0)
+        ema_logits = self._ema_logits(engine, batch) if cfg.mu > 0 else None
+        if cfg.lambda_s > 0:
+            stacked = {"input_ids": torch.cat([ids, ids]), "attention_mask": torch.cat([mask, mask])}
+            delta = self._adversarial_delta(engine, stacked, rows)
+            with self._perturbed(torch.cat([torch.zeros_like(delta), delta])):
+                logits = engine.forward_logits(stacked)
+        else:
+            logits = engine.forward_logits({"input_ids": ids, "attention_mask": mask})
+        clean = logits[:rows]
+        ce = causal_lm_loss(clean, batch["labels"])
+        total = ce
+        self._last = {"smart_ce": ce.item()}
+        if cfg.lambda_s > 0:
+            smooth = sym_kl(clean, logits[rows:], mask)
+            total = total + cfg.lambda_s * smooth
+            self._last["smart_smooth"] = smooth.item()
+        if ema_logits is not None:
+            breg = sym_kl(clean, ema_logits, mask)
+            total = total + cfg.mu * breg
+            self._last["smart_breg"] = breg.item()
+        return total
+
+    def _adversarial_delta(self, engine: TrainingView, stacked: Batch, rows: int) -> torch.Tensor:
+        """δ after K projected ascent steps on SymKL(f(x) fixed, f(x + δ)); pad tokens stay unperturbed."""
+        cfg = self.config
+        mask = stacked["attention_mask"][:rows]
+        keep = mask.unsqueeze(-1).float()
+        tokens = mask.size(1)
+        # one draw per row: a micro-batch of 2B rows sees the same noise as two of B (grad accumulation)
+        noise = torch.stack([torch.randn(tokens, self._hidden, generator=self.generator) for _ in range(rows)])
+        delta = noise.to(keep.device) * cfg.noise_std * keep
+        clean = None
+        for _ in range(cfg.ascent_steps):
+            delta = delta.detach().requires_grad_(True)
+            if clean is None:  # first step: clean and perturbed rows in one pass
+                with self._perturbed(torch.cat([torch.zeros_like(delta), delta])):
+                    logits = engine.module(**stacked).logits
+                clean, perturbed = logits[:rows].detach(), logits[rows:]
+            else:
+                with self._perturbed(delta):
+                    perturbed = engine.module(input_ids=stacked["input_ids"][:rows], attention_mask=mask).logits
+            (grad,) = torch.autograd.grad(sym_kl(clean, perturbed, mask), delta)
+            delta = project_step(delta.detach(), grad, cfg.step_size, cfg.epsilon) * keep
+        return delta.detach()
+
+    def _ema_logits(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        with torch.no_grad():
+            if self._partitioned:
+                with engine.swapped_weights(self.ema):
+                    return engine.module(**inputs).logits
+            if self._full_ema is None:
+                self._full_ema = {name: value.to(p.dtype) for (name, p), value in
+                                  zip(engine.trainable_parameters(), self._unflatten(engine, self.ema), strict=True)}
+            return torch.func.functional_call(engine.module, self._full_ema, args=(), kwargs=inputs).logits
+
+    # ---- the EMA forward without ZeRO-3 ------------------------------------------------------------
+
+    def _unflatten(self, engine: TrainingView, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Full weights from per-rank flat shards in ZeRO-1/2's layout: the trainable weights flattened
+        in order, padded at the end, split evenly over the ranks (checked once in attach)."""
+        pieces = []
+        for shard in shards:
+            full = shard.new_zeros(shard.numel() * engine.world_size)
+            full[engine.rank * shard.numel():(engine.rank + 1) * shard.numel()] = shard.detach()
+            pieces.append(engine.all_reduce_sum(full))
+        flat = torch.cat(pieces)
+        out, offset = [], 0
+        for _, p in engine.trainable_parameters():
+            out.append(flat[offset:offset + p.numel()].view(p.shape))
+            offset += p.numel()
+        return out
+
+    def _check_fallback(self, engine: TrainingView) -> None:
+        params = engine.trainable_parameters()
+        full = self._unflatten(engine, engine.local_shards())
+        if len(full) != len(params) or not all(
+            torch.equal(value.to(p.dtype), p.detach()) for (_, p), value in zip(params, full, strict=True)
+        ):
+            raise RuntimeError("SMART: the optimizer's flat shards are not the trainable weights in order "
+                               "(ZeRO-1/2 layout expected); use launch.ds_config=zero3 or defense.mu=0")
+
+    # ---- after the step, state --------------------------------------------------------------------
+
+    def after_step(self, engine: TrainingView, step: int) -> None:
+        beta = self.config.beta
+        for ema, shard in zip(self.ema, engine.local_shards(), strict=True):
+            ema.mul_(beta).add_(shard.detach(), alpha=1.0 - beta)
+        self.steps_done = step
+        self._full_ema = None
+
+    def metrics(self) -> dict[str, Any]:
+        return dict(self._last)  # this rank's terms on its last micro-batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "ema": [e.clone() for e in self.ema],
+            "steps_done": self.steps_done,
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for ema, saved in zip(self.ema, state["ema"], strict=True):
+            ema.copy_(saved)
+        self.steps_done = state["steps_done"]
+        self.generator.set_state(state["generator"])
+        self._full_ema = None

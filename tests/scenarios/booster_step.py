@@ -1,0 +1,130 @@
+"""Run under torchrun: Booster on a tiny Llama with SGD; writes what the test needs to redo it in plain PyTorch.
+
+argv: model_dir out ds_config lora grad_accum micro_batch steps ragged config_json
+(config_json may name the defense: {"name": "booster+vaccine", ...}; default booster)
+
+Every rank writes `out.rank{r}.json`: per step the refusal and harmful micro-batches it used, the
+defense's metrics, whether the weights the forward reads (local partitions, fp32 master shard and
+any persistent full parameters) were bit for bit the same after the harmful phase as before it, and
+how far the perturbation moved them inside the phase; rank 0 also writes `out.before.pt` /
+`out.after.pt` (full weights before and after the run).
+"""
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from bulwark.config import LoraConfig, TrainConfig
+from bulwark.data.collate import pad_collate
+from bulwark.defenses import REGISTRY
+from bulwark.engine import Engine
+from bulwark.models import apply_lora, load_model
+
+
+def rows_for(seed: int, count: int, vocab: int, ragged: bool) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        length = int(torch.randint(8, 13, (1,), generator=g)) if ragged else 12
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 5 + ids[5:]})
+    return rows
+
+
+class SyntheticStream:
+    """Deterministic micro-batches per (stream, rank, call number), recorded as they are handed out."""
+
+    def __init__(self, offset: int, rank: int, mbs: int, vocab: int, ragged: bool) -> None:
+        self.offset, self.rank, self.mbs, self.vocab, self.ragged = offset, rank, mbs, vocab, ragged
+        self.calls = 0
+        self.handed: list[dict] = []
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        seed = self.offset + 1000 * self.calls + self.rank
+        self.calls += 1
+        batch = pad_collate(rows_for(seed, self.mbs, self.vocab, self.ragged), 0)
+        self.handed.append({k: v.tolist() for k, v in batch.items()})
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+
+
+def snapshot(engine: Engine) -> list[torch.Tensor]:
+    """Everything a forward can read of the trainable weights on this rank, plus the fp32 master."""
+    zero = engine.ds.optimizer
+    tensors = [f.detach().clone() for f in zero.fp16_partitioned_groups_flat]
+    tensors += [s.detach().clone() for s in engine.local_shards()]
+    tensors += [p.data.detach().clone() for p in zero.persistent_parameters]
+    return tensors
+
+
+def main() -> None:
+    model_dir, out, ds_config, lora, grad_accum, mbs, steps, ragged, config = sys.argv[1:10]
+    lora, ragged = lora == "1", ragged == "1"
+    grad_accum, mbs, steps, config = int(grad_accum), int(mbs), int(steps), json.loads(config)
+    train = TrainConfig(steps=steps, micro_batch_size=mbs, grad_accum=grad_accum, lr=0.5, optimizer="sgd",
+                        max_grad_norm=0.0)
+
+    def build() -> torch.nn.Module:
+        model = load_model(model_dir, "fp32")
+        return apply_lora(model, LoraConfig(enabled=True)) if lora else model
+
+    engine = Engine(build, train, ds_config, "fp32", steps)
+    cls = REGISTRY[config.pop("name", "booster")]
+    booster = cls(cls.Config(**config), steps)
+    booster.attach(engine)
+    engine.add_pre_step_hook(booster.before_step)
+    state = engine.full_state_dict()
+    if engine.rank == 0:
+        torch.save(state, f"{out}.before.pt")
+
+    moved: list[float] = []
+    plain_perturbed = engine.perturbed_weights
+
+    @contextmanager
+    def watched(deltas: list[torch.Tensor]):
+        before = snapshot(engine)
+        with plain_perturbed(deltas):
+            inside = snapshot(engine)
+            moved.append(max(float((a - b).abs().max()) if a.numel() else 0.0 for a, b in zip(inside, before, strict=True)))
+            yield
+
+    engine.perturbed_weights = watched  # type: ignore[method-assign]
+    vocab = engine.module.config.vocab_size
+    streams = {"main": SyntheticStream(0, engine.rank, mbs, vocab, ragged),
+               "harmful": SyntheticStream(500_000, engine.rank, mbs, vocab, ragged)}
+    log, times = [], []
+    for step in range(steps):
+        t0 = time.perf_counter()
+        restored = True
+        n_main, n_harm = len(streams["main"].handed), len(streams["harmful"].handed)
+        for _ in range(grad_accum):
+            batch = booster.next_batch(streams, step)
+            before = snapshot(engine)
+            loss = booster.loss(engine, engine.to_device(batch))
+            restored &= all(torch.equal(a, b) for a, b in zip(before, snapshot(engine), strict=True))
+            engine.backward(loss)
+            engine.step()
+        booster.after_step(engine, step + 1)
+        times.append(time.perf_counter() - t0)
+        log.append({"step": step + 1, "main": streams["main"].handed[n_main:],
+                    "harmful": streams["harmful"].handed[n_harm:], "restored": restored,
+                    "metrics": booster.metrics()})
+    state = engine.full_state_dict()
+    if engine.rank == 0:
+        torch.save(state, f"{out}.after.pt")
+    result = {"rank": engine.rank, "log": log, "moved": moved, "step_s": times,
+              "persistent": len(engine.ds.optimizer.persistent_parameters)}
+    Path(f"{out}.rank{engine.rank}.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

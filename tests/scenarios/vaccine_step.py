@@ -1,0 +1,178 @@
+"""Run under torchrun: Vaccine / vaccine-random / T-Vaccine on a tiny Llama with SGD, several cases in turn.
+
+argv: out_dir cases_json. Each case (a JSON object) names: name, model_dir, defense, config, lora,
+grad_accum, mbs, steps, ragged, snapshots, and optionally extra_pass (use `ExtraPassEngine`). One process start serves all cases (each builds its own
+engine), which keeps the multi-process tests fast.
+
+Every rank writes `out_dir/<name>.rank{r}.json`: per step its micro-batches, the harmful batch a probe
+used, the squared norm of its own perturbation per micro-batch, the defense's metrics and state.
+Rank 0 writes `out_dir/<name>.states.pt`: the full weights before the first step and after each step
+(after the last one only, unless `snapshots`).
+"""
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from bulwark.config import LoraConfig, TrainConfig
+from bulwark.data.collate import pad_collate
+from bulwark.defenses import build_defense
+from bulwark.engine import Engine
+from bulwark.models import apply_lora, load_model
+
+LR = 0.5
+
+
+class ExtraPassEngine(Engine):
+    """The Engine plus the method Vaccine-style defenses ask of it (a reference for the engine owner):
+    extra passes get their own ZeRO-3 parameter coordinator, so that neither they nor the stepping
+    pass invalidate the other's prefetch trace."""
+
+    @contextmanager
+    def extra_pass(self) -> Iterator[None]:
+        offload = getattr(self.ds.optimizer, "parameter_offload", None)
+        if offload is None:  # ZeRO-1/2: no parameter fetching to coordinate
+            yield
+            return
+        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+        main = offload.param_coordinator
+        if not hasattr(self, "_extra_coordinator"):
+            self._extra_coordinator = PartitionedParameterCoordinator(
+                prefetch_bucket_sz=offload._prefetch_bucket_sz,
+                max_reuse_distance_in_numel=offload._max_reuse_distance_in_numel,
+                max_available_parameters_in_numel=offload._max_available_parameters_in_numel,
+                allgather_stream=offload._DeepSpeedZeRoOffload__allgather_stream,
+                inflight_param_registry=offload._DeepSpeedZeRoOffload__inflight_param_registry,
+                prefetch_nvme=False,
+                timers=offload.timers,
+                zero_quantized_weights=offload.zero_quantized_weights,
+                zero_quantized_nontrainable_weights=offload.zero_quantized_nontrainable_weights,
+                fast_sharding_for_leaf_module=offload.fast_sharding_for_leaf_module,
+                log_trace_cache_warnings=False,
+            )
+        offload.param_coordinator = self._extra_coordinator
+        try:
+            yield
+        finally:
+            offload.param_coordinator = main
+
+
+def rows_for(seed: int, index: int, rank: int, count: int, vocab: int, ragged: bool) -> list[dict]:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 1000 * index + rank)
+    rows = []
+    for _ in range(count):
+        length = int(torch.randint(8, 13, (1,), generator=g)) if ragged else 12
+        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 5 + ids[5:]})
+    return rows
+
+
+class RowStream:
+    """Micro-batch k is part `k % grad_accum` of the rows of step `k // grad_accum`: a case with
+    grad_accum 1 and a doubled micro-batch sees exactly the rows of a grad_accum 2 case."""
+
+    def __init__(self, seed: int, rank: int, mbs: int, grad_accum: int, vocab: int, ragged: bool) -> None:
+        self.seed, self.rank, self.mbs, self.grad_accum = seed, rank, mbs, grad_accum
+        self.vocab, self.ragged, self.count = vocab, ragged, 0
+        self.served: list[dict] = []
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        step, part = divmod(self.count, self.grad_accum)
+        rows = rows_for(self.seed, step, self.rank, self.mbs * self.grad_accum, self.vocab, self.ragged)
+        batch = pad_collate(rows[part * self.mbs:(part + 1) * self.mbs], 0)
+        self.count += 1
+        self.served.append({k: v.tolist() for k, v in batch.items()})
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+
+
+def count_trace_invalidations() -> dict[str, int]:
+    """Count ZeRO-3 prefetch-trace invalidations (each one means on-demand, per-module fetching)."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import (
+        PartitionedParameterCoordinator as Coordinator,
+    )
+
+    counter = {"n": 0}
+    original = Coordinator._invalidate_trace
+
+    def counting(self: Coordinator) -> None:
+        counter["n"] += 1
+        original(self)
+
+    Coordinator._invalidate_trace = counting
+    return counter
+
+
+TRACE = count_trace_invalidations()
+
+
+def run_case(case: dict, out_dir: Path) -> None:
+    lora = bool(case["lora"])
+
+    def build() -> torch.nn.Module:
+        model = load_model(case["model_dir"], "fp32")
+        return apply_lora(model, LoraConfig(enabled=True)) if lora else model
+
+    train = TrainConfig(steps=case["steps"], micro_batch_size=case["mbs"], grad_accum=case["grad_accum"], lr=LR,
+                        optimizer="sgd", max_grad_norm=0.0)
+    cls = ExtraPassEngine if case.get("extra_pass") and not hasattr(Engine, "extra_pass") else Engine
+    engine = cls(build, train, "zero3", "fp32", train.steps)
+    defense = build_defense({"name": case["defense"], **case["config"]}, "align", train.steps)
+    defense.attach(engine)
+    engine.add_pre_step_hook(defense.before_step)
+    vocab = engine.module.config.vocab_size
+    streams = {
+        "main": RowStream(1, engine.rank, case["mbs"], case["grad_accum"], vocab, case["ragged"]),
+        "harmful": RowStream(2, engine.rank, case["mbs"], 1, vocab, case["ragged"]),
+    }
+    states = [engine.full_state_dict()]
+    TRACE["n"] = 0
+    log = []
+    for step in range(train.steps):
+        micro, e_sq = [], []
+        probes_before = len(streams["harmful"].served)
+        for _ in range(train.grad_accum):
+            batch = engine.to_device(defense.next_batch(streams, step))
+            micro.append({k: v.tolist() for k, v in batch.items()})
+            loss = defense.loss(engine, batch)
+            e_sq.append(sum(float(e.double().pow(2).sum()) for e in defense.hooks.offsets.values()))
+            engine.backward(loss)
+            engine.step()
+        defense.after_step(engine, step + 1)
+        state = defense.state_dict()
+        log.append({
+            "step": step + 1, "batches": micro, "e_sq": e_sq, "metrics": defense.metrics(),
+            "harmful": streams["harmful"].served[probes_before:],
+            "norms": state["norms"].tolist() if state.get("norms") is not None else None,
+        })
+        if case["snapshots"] or step + 1 == train.steps:
+            states.append(engine.full_state_dict())
+    result = {"rank": engine.rank, "world_size": engine.world_size, "log": log, "trace_invalidations": TRACE["n"]}
+    if hasattr(defense, "frozen_numel"):
+        result["frozen_numel"] = defense.frozen_numel
+    (out_dir / f"{case['name']}.rank{engine.rank}.json").write_text(json.dumps(result))
+    if engine.rank == 0:
+        torch.save(states, out_dir / f"{case['name']}.states.pt")
+
+
+def main() -> None:
+    # torchrun sets OMP_NUM_THREADS=1 only for nproc > 1; a single process spinning 2 OpenMP threads on a
+    # shared 2-core machine runs these tiny steps 10-50x slower
+    torch.set_num_threads(1)
+    out_dir = Path(sys.argv[1])
+    for case in json.loads(Path(sys.argv[2]).read_text()):
+        run_case(case, out_dir)
+
+
+if __name__ == "__main__":
+    main()
