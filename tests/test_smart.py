@@ -176,14 +176,19 @@ def test_sym_kl_and_projection() -> None:
     assert stepped.abs().max() <= torch.tensor(1e-3)
     torch.testing.assert_close(stepped[1], torch.full((4,), 0.5e-3))  # zero gradient: no step, no NaN
     torch.testing.assert_close(stepped[0], torch.tensor([1e-3, -0.5e-3, 0.75e-3, 0.5e-3]))
+    unit = project_step(delta, grad, 0.1, 1e-6, "unit")  # mt-dnn: rescale δ + η g to ∞-norm 1
+    torch.testing.assert_close(unit[0], torch.tensor([0.6, 0.3, 0.55, 0.5]) / (0.6 + 1e-6))
+    torch.testing.assert_close(unit[1], torch.full((4,), 0.5 / (0.5 + 1e-6)))
 
 
 def test_registered_for_finetune_only_with_reference_defaults() -> None:
     smart = build_defense({"name": "smart"}, "finetune", 10)
     assert isinstance(smart, Smart)
     assert smart.config == SmartConfig(lambda_s=1.0, mu=1.0, beta=0.99, noise_std=1e-5, step_size=1e-5,
-                                       epsilon=1e-6, ascent_steps=1)
+                                       epsilon=1e-6, ascent_steps=1, projection="ball")
     with pytest.raises(BulwarkInputError, match="finetune"):
         build_defense({"name": "smart"}, "align", 10)
     with pytest.raises(BulwarkInputError, match="epsilon"):
         build_defense({"name": "smart", "epsilon": 0}, "finetune", 10)
+    with pytest.raises(BulwarkInputError, match="projection"):
+        build_defense({"name": "smart", "projection": "l2"}, "finetune", 10)

@@ -19,9 +19,12 @@ Defaults: the reference code's (namisan/mt-dnn: adv_noise_var σ = 1e-5, adv_ste
 adv_epsilon ε = 1e-6, adv_k K = 1, adv_alpha λ_s = 1) and the paper's (μ = 1, β = 0.99).
 
 Where this differs from the reference and why:
-- Projection: the paper's Algorithm 1 (normalise the gradient by its per-token ∞-norm, step, clip δ
-  to the ε ball). mt-dnn instead renormalises δ + η g to a unit per-token ∞-norm, using ε only as a
-  stabiliser; that makes |δ| ~ 1 whatever η is, which the paper's equations do not say.
+- Projection: the paper's Algorithm 1 by default (projection="ball": normalise the gradient by its
+  per-token ∞-norm, step, clip δ to the ε ball). mt-dnn's code instead rescales δ + η g to a unit
+  per-token ∞-norm, ε only keeping the division finite (projection="unit"): |δ| ~ 1 whatever η is,
+  and with η = 1e-5 it is mostly the normalised initial noise. With the ball and ε = 1e-6, R_s is
+  tiny (~1e-11 on the tiny test Llama): the term is nearly inert at the defaults, as in the paper's
+  equations; "unit" reproduces the reference code's much larger perturbation.
 - Reduction: the mean over attended tokens (the CE convention of `bulwark.losses`) instead of
   mt-dnn's sum over classes / batch size: a causal LM has one output distribution per token.
 - Gradient: the loss above is differentiated as written (both KL directions, both arguments; only
@@ -61,6 +64,8 @@ from bulwark.errors import BulwarkInputError
 from bulwark.losses import causal_lm_loss
 
 Batch = dict[str, torch.Tensor]
+LAYOUT_ERROR = ("SMART: the optimizer's flat shards are not the trainable weights in order (the ZeRO-1/2 "
+                "layout the EMA forward assumes there); use launch.ds_config=zero3 or defense.mu=0")
 
 
 @dataclass
@@ -72,6 +77,7 @@ class SmartConfig:
     step_size: float = 1e-5  # η: ascent step on δ (mt-dnn adv_step_size)
     epsilon: float = 1e-6  # ε: per-token ∞-norm radius of δ (mt-dnn adv_epsilon)
     ascent_steps: int = 1  # K (mt-dnn adv_k)
+    projection: str = "ball"  # "ball": clip δ to the ε ball (paper); "unit": mt-dnn's rescaling to ∞-norm 1
     seed: int = 0  # noise generator seed; rank r draws from its own stream
 
 
@@ -85,8 +91,13 @@ def sym_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -
     return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def project_step(delta: torch.Tensor, grad: torch.Tensor, step_size: float, epsilon: float) -> torch.Tensor:
-    """δ + η g / ||g||_∞ per token (last dim), clipped to the ε ball of the ∞-norm; zero gradients stay put."""
+def project_step(delta: torch.Tensor, grad: torch.Tensor, step_size: float, epsilon: float,
+                 projection: str = "ball") -> torch.Tensor:
+    """One ascent step per token (last dim). "ball": δ + η g / ||g||_∞ clipped to the ∞-norm ε ball
+    (a zero gradient leaves δ as it is); "unit": (δ + η g) / (||δ + η g||_∞ + ε), as mt-dnn's code."""
+    if projection == "unit":
+        step = delta + step_size * grad
+        return step / (step.abs().amax(dim=-1, keepdim=True) + epsilon)
     scale = grad.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(grad.dtype).tiny)
     return (delta + step_size * grad / scale).clamp(-epsilon, epsilon)
 
@@ -106,6 +117,7 @@ class Smart(Defense):
             (config.noise_std >= 0 and config.step_size >= 0, "defense.noise_std and defense.step_size must be >= 0"),
             (config.epsilon > 0, "defense.epsilon must be > 0"),
             (config.ascent_steps >= 0, "defense.ascent_steps must be >= 0"),
+            (config.projection in ("ball", "unit"), "defense.projection must be ball or unit"),
         ]
         for ok, message in checks:
             if not ok:
@@ -195,7 +207,7 @@ class Smart(Defense):
                 with self._perturbed(delta):
                     perturbed = engine.module(input_ids=stacked["input_ids"][:rows], attention_mask=mask).logits
             (grad,) = torch.autograd.grad(sym_kl(clean, perturbed, mask), delta)
-            delta = project_step(delta.detach(), grad, cfg.step_size, cfg.epsilon) * keep
+            delta = project_step(delta.detach(), grad, cfg.step_size, cfg.epsilon, cfg.projection) * keep
         return delta.detach()
 
     def _ema_logits(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
@@ -220,8 +232,11 @@ class Smart(Defense):
             full[engine.rank * shard.numel():(engine.rank + 1) * shard.numel()] = shard.detach()
             pieces.append(engine.all_reduce_sum(full))
         flat = torch.cat(pieces)
+        params = engine.trainable_parameters()
+        if flat.numel() < sum(p.numel() for _, p in params):
+            raise RuntimeError(LAYOUT_ERROR)
         out, offset = [], 0
-        for _, p in engine.trainable_parameters():
+        for _, p in params:
             out.append(flat[offset:offset + p.numel()].view(p.shape))
             offset += p.numel()
         return out
@@ -229,11 +244,8 @@ class Smart(Defense):
     def _check_fallback(self, engine: TrainingView) -> None:
         params = engine.trainable_parameters()
         full = self._unflatten(engine, engine.local_shards())
-        if len(full) != len(params) or not all(
-            torch.equal(value.to(p.dtype), p.detach()) for (_, p), value in zip(params, full, strict=True)
-        ):
-            raise RuntimeError("SMART: the optimizer's flat shards are not the trainable weights in order "
-                               "(ZeRO-1/2 layout expected); use launch.ds_config=zero3 or defense.mu=0")
+        if not all(torch.equal(value.to(p.dtype), p.detach()) for (_, p), value in zip(params, full, strict=True)):
+            raise RuntimeError(LAYOUT_ERROR)
 
     # ---- after the step, state --------------------------------------------------------------------
 
