@@ -69,7 +69,8 @@ class Lisa(Defense):
         if self.config.rho == 0 or self.steps_done < self.proximal_off_until:
             return
         for index, shard in shards:
-            shard.grad.add_(shard.detach() - self.anchors[index], alpha=self.config.rho)
+            # g += rho * w - rho * anchor, in place: no temporary the size of the shard
+            shard.grad.add_(shard.detach(), alpha=self.config.rho).sub_(self.anchors[index], alpha=self.config.rho)
 
     def after_step(self, engine: TrainingView, step: int) -> None:
         self.stepped_state = self.state
