@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from synthetic import random_rows
 
 from bulwark.config import LoraConfig, TrainConfig
 from bulwark.data.collate import pad_collate
@@ -26,13 +27,7 @@ from bulwark.models import apply_lora, load_model
 
 
 def rows_for(seed: int, count: int, vocab: int, ragged: bool) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    rows = []
-    for _ in range(count):
-        length = int(torch.randint(8, 13, (1,), generator=g)) if ragged else 12
-        ids = torch.randint(3, vocab, (length,), generator=g).tolist()
-        rows.append({"input_ids": ids, "labels": [-100] * 5 + ids[5:]})
-    return rows
+    return random_rows(seed, count, vocab, ragged)
 
 
 class SyntheticStream:
