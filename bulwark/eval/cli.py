@@ -1,0 +1,160 @@
+"""Typer commands of the eval package: `bulwark eval`, `bulwark judge train`, `bulwark scan`.
+
+`register(app)` adds them to the main app. torch / transformers are imported inside the commands, so
+`bulwark --help` stays fast. Bad input prints one line "error: ..." and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from bulwark.errors import BulwarkInputError
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _eval_options() -> set[str]:
+    """run_eval's keyword options (out_dir, judge, task, ...), the keys an eval YAML may set."""
+    from bulwark.eval.run import run_eval
+
+    params = inspect.signature(run_eval).parameters
+    return {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} - {"log"}
+
+
+def _from_yaml(path: Path) -> dict[str, Any]:
+    """An eval YAML: `model:` plus any run_eval option (out_dir, judge, task, meta, ...)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BulwarkInputError(f"{path}: cannot read it as YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise BulwarkInputError(f"{path}: expected a mapping of options (model: ..., out_dir: ...)")
+    data = {k.replace("-", "_"): v for k, v in data.items()}
+    allowed = {"model", "nproc", *_eval_options()}
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise BulwarkInputError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+    return data
+
+
+def eval_command(
+    model: str = typer.Argument(..., help="model folder (config.json), adapter folder (adapter_config.json), "
+                                          "or an eval YAML (model: ..., out_dir: ..., any option below)"),
+    out_dir: str = typer.Option(None, "--out-dir", "-o", help="where rows and summary go [default: MODEL/eval]"),
+    prompt_set: str = typer.Option(None, help="harmful_eval_prompts | beavertails_evaluation | harmbench | advbench | a .jsonl"),
+    n_prompts: int = typer.Option(None, help="first N harmful prompts [default: 1000]"),
+    judge: str = typer.Option(None, help="refusal | keyword | moderation | hf:<path> [default: refusal]"),
+    refusal_judge: str = typer.Option(None, help="judge for over-refusal [default: the judge if refusal-style, else keyword]"),
+    task: str = typer.Option(None, help="fine-tune accuracy task: sst2 | agnews | gsm8k | alpaca_eval"),
+    n_task: int = typer.Option(None, help="first N task test rows [default: 1000]"),
+    n_benign: int = typer.Option(None, help="benign AlpacaEval prompts for over-refusal [default: 100]"),
+    template: str = typer.Option(None, help="chat | alpaca [default: chat]"),
+    max_new_tokens: int = typer.Option(None, help="[default: 128]"),
+    batch_size: int = typer.Option(None, help="[default: 16]"),
+    data_dir: str = typer.Option(None, help="data folder [default: $BULWARK_DATA_DIR]"),
+    fa_judge: str = typer.Option(None, help="hf:<path> causal LM judging AlpacaEval win rate"),
+    meta: list[str] = typer.Option(None, help="KEY=VALUE for the summary key: stage, defense, p, n, seed (repeatable)"),
+    nproc: int = typer.Option(None, help="ranks to generate with (spawns torchrun when > 1) [default: 1]"),
+) -> None:
+    """Harmful score (HS, HS+), over-refusal and fine-tune accuracy of one model."""
+    from bulwark.eval.run import parse_meta, run_eval
+
+    try:
+        given = {"out_dir": out_dir, "prompt_set": prompt_set, "n_prompts": n_prompts, "judge": judge,
+                 "refusal_judge": refusal_judge, "task": task, "n_task": n_task, "n_benign": n_benign,
+                 "template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                 "data_dir": data_dir, "fa_judge": fa_judge, "nproc": nproc}
+        options: dict[str, Any] = {}
+        if model.endswith((".yaml", ".yml")):
+            options = _from_yaml(Path(model))
+            if "model" not in options:
+                raise BulwarkInputError(f"{model}: needs a 'model:' key (the model or adapter folder)")
+            model = str(options.pop("model"))
+        options.update({k: v for k, v in given.items() if v is not None})
+        options["meta"] = {**(options.get("meta") or {}), **parse_meta(meta or [])}
+        options.setdefault("out_dir", str(Path(model) / "eval"))
+        world = int(options.pop("nproc", 1) or 1)
+        if world > 1 and "LOCAL_RANK" not in os.environ:
+            raise typer.Exit(_spawn_torchrun(model, options, world))
+        summary = run_eval(model, **options)
+    except BulwarkInputError as exc:
+        _fail(str(exc))
+    if summary is not None:
+        typer.echo(json.dumps({k: v for k, v in summary.items() if k != "meta"}, indent=2))
+
+
+def _spawn_torchrun(model: str, options: dict[str, Any], world: int) -> int:
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
+            "-m", "bulwark.eval.run", model]
+    for key, value in options.items():
+        if key == "meta":
+            for k, v in value.items():
+                argv += ["--meta", f"{k}={v}"]
+        elif value is not None:
+            argv += [f"--{key.replace('_', '-')}", str(value)]
+    return subprocess.call(argv)
+
+
+def judge_train_command(
+    kind: str = typer.Argument("refusal", help="refusal | moderation | all"),
+    data_dir: str = typer.Option(None, help="data folder [default: $BULWARK_DATA_DIR]"),
+    out_dir: str = typer.Option(None, help="judges folder [default: <cache>/judges]"),
+    seed: int = typer.Option(0, help="seed for the data sample and the head"),
+) -> None:
+    """Train the learned judge(s) on the real data; prints held-out accuracy, precision, recall, F1."""
+    from bulwark.data.readers import resolve_data_dir
+    from bulwark.eval.judge_train import KINDS, train_judge
+
+    try:
+        kinds = list(KINDS) if kind == "all" else [kind]
+        if kind != "all" and kind not in KINDS:
+            raise BulwarkInputError(f"unknown judge kind '{kind}'; choose one of: {', '.join(KINDS)}, all")
+        folder = resolve_data_dir(data_dir)
+        if folder is None:
+            raise BulwarkInputError("no data folder: set BULWARK_DATA_DIR or pass --data-dir (the folder of JSONL files)")
+        for k in kinds:
+            train_judge(k, folder, out_dir, seed=seed, log=typer.echo)
+    except BulwarkInputError as exc:
+        _fail(str(exc))
+
+
+def scan_command(
+    data: str = typer.Argument(..., help="the uploaded fine-tuning file (.jsonl / .json)"),
+    judge: str = typer.Option("moderation", help="moderation | hf:<path>"),
+    fmt: str = typer.Option(None, "--format", help="qa | alpaca | sst2 | agnews | gsm8k [default: guessed]"),
+    out: str = typer.Option(None, "--out", help="write a filtered JSONL copy without the flagged rows"),
+    data_dir: str = typer.Option(None, help="data folder (to train the judge on first use)"),
+    as_json: bool = typer.Option(False, "--json", help="print the full report as JSON"),
+) -> None:
+    """Screen an upload: flagged fraction, flagged line numbers, optional filtered copy."""
+    from bulwark.eval.scan import scan_file
+
+    try:
+        report = scan_file(data, judge=judge, out_filtered=Path(out) if out else None, fmt=fmt, data_dir=data_dir,
+                           log=lambda m: typer.echo(m, err=as_json))
+    except BulwarkInputError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `eval`, `judge train` and `scan` to the bulwark app."""
+    app.command("eval")(eval_command)
+    judge_app = typer.Typer(help="Learned judges: train them on the real data.", no_args_is_help=True)
+    judge_app.command("train")(judge_train_command)
+    app.add_typer(judge_app, name="judge")
+    app.command("scan")(scan_command)

@@ -1,0 +1,163 @@
+"""Eval runs: one process and two gloo ranks (uneven split), output files, bad input, the Typer commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from bulwark.errors import BulwarkInputError
+from bulwark.eval.run import run_eval
+
+
+def _jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_eval_in_process_writes_rows_and_summary(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "eval"
+    summary = run_eval(tiny_model_dir, out_dir=out, n_prompts=4, judge="keyword", task="sst2", n_task=3,
+                       n_benign=2, max_new_tokens=4, batch_size=3, data_dir=data_dir,
+                       meta={"stage": "finetune", "defense": "lisa", "p": 0.1, "n": 100, "seed": 1},
+                       log=lambda m: None)
+    assert summary is not None
+    assert {k: summary[k] for k in ("stage", "defense", "p", "n", "seed")} == \
+        {"stage": "finetune", "defense": "lisa", "p": 0.1, "n": 100, "seed": 1}
+    assert summary["model"] == str(tiny_model_dir)
+    for key in ("HS", "HS_plus", "over_refusal", "FA", "task_refusal", "seconds"):
+        assert isinstance(summary[key], float), key
+    assert (summary["n_harmful"], summary["n_benign"], summary["n_task"]) == (4, 2, 3)
+    harmful = _jsonl(out / "harmful.jsonl")
+    assert len(harmful) == 4
+    assert set(harmful[0]) >= {"prompt", "output", "verdict", "harmful", "score", "degenerate"}
+    task_rows = _jsonl(out / "task.jsonl")
+    assert len(task_rows) == 3 and all("correct" in r and r["gold"] in ("positive", "negative") for r in task_rows)
+    assert len(_jsonl(out / "benign.jsonl")) == 2
+    assert json.loads((out / "summary.json").read_text())["HS"] == summary["HS"]
+    table = (out / "summary.md").read_text()
+    assert table.startswith("| model | stage | defense | p | n | seed | HS %") and "lisa" in table
+    assert not [p.name for p in out.rglob(".*")], "temporary files left behind"
+
+
+def test_eval_two_ranks_uneven_split_one_row_per_prompt(tiny_model_dir, data_dir, tmp_path):
+    from tests.conftest import check, torchrun
+
+    out = tmp_path / "eval2"
+    proc = torchrun(["-m", "bulwark.eval.run", str(tiny_model_dir), "--out-dir", str(out), "--n-prompts", "5",
+                     "--n-benign", "0", "--judge", "keyword", "--max-new-tokens", "3", "--batch-size", "2",
+                     "--meta", "stage=aligned"], nproc=2, data_dir=data_dir, timeout=120)
+    check(proc)
+    gens = _jsonl(out / "generations" / "generations.jsonl")
+    assert [r["index"] for r in gens] == [0, 1, 2, 3, 4]
+    assert len(_jsonl(out / "generations" / "rows.rank0.jsonl")) == 3
+    assert len(_jsonl(out / "generations" / "rows.rank1.jsonl")) == 2
+    harmful = _jsonl(out / "harmful.jsonl")
+    prompts = [json.loads(line)["prompt"] for line in (data_dir / "harmful_eval_prompts.jsonl").open()][:5]
+    assert [r["prompt"] for r in harmful] == prompts
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["stage"] == "aligned" and summary["n_harmful"] == 5
+
+
+def test_merge_detects_missing_and_duplicate_rows(tmp_path):
+    from bulwark.eval.generate import merge_rank_files
+    from bulwark.eval.io import atomic_write_jsonl
+
+    atomic_write_jsonl(tmp_path / "rows.rank0.jsonl", [{"index": 0}, {"index": 2}])
+    atomic_write_jsonl(tmp_path / "rows.rank1.jsonl", [{"index": 1}])
+    assert [r["index"] for r in merge_rank_files(tmp_path, 2, 3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="missing"):
+        merge_rank_files(tmp_path, 2, 4)
+    atomic_write_jsonl(tmp_path / "rows.rank1.jsonl", [{"index": 1}, {"index": 2}])
+    with pytest.raises(RuntimeError, match="twice"):
+        merge_rank_files(tmp_path, 2, 3)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_missing_prompt_set(tiny_model_dir, data_dir, tmp_path):
+    with pytest.raises(BulwarkInputError, match="unknown prompt set 'jailbreaks'.*advbench"):
+        run_eval(tiny_model_dir, out_dir=tmp_path, prompt_set="jailbreaks", judge="keyword", data_dir=data_dir)
+    with pytest.raises(BulwarkInputError, match="prompt set .*nowhere.jsonl.*not found"):
+        run_eval(tiny_model_dir, out_dir=tmp_path, prompt_set=str(tmp_path / "nowhere.jsonl"), judge="keyword",
+                 data_dir=data_dir)
+    empty = tmp_path / "empty_data"
+    empty.mkdir()
+    with pytest.raises(BulwarkInputError, match="harmbench_behaviors"):
+        run_eval(tiny_model_dir, out_dir=tmp_path, prompt_set="harmbench", judge="keyword", data_dir=empty)
+
+
+def test_unknown_judge_and_task(tiny_model_dir, data_dir, tmp_path):
+    with pytest.raises(BulwarkInputError, match="unknown judge 'llamaguard'.*hf:<path>"):
+        run_eval(tiny_model_dir, out_dir=tmp_path, judge="llamaguard", data_dir=data_dir)
+    with pytest.raises(BulwarkInputError, match="unknown task 'mmlu'"):
+        run_eval(tiny_model_dir, out_dir=tmp_path, judge="keyword", task="mmlu", data_dir=data_dir)
+
+
+def test_model_folder_that_is_not_a_model(tmp_path, data_dir):
+    folder = tmp_path / "run"
+    (folder / "model").mkdir(parents=True)
+    (folder / "model" / "config.json").write_text("{}")
+    with pytest.raises(BulwarkInputError, match=r"not a model folder.*did you mean .*run/model"):
+        run_eval(folder, out_dir=tmp_path / "o", judge="keyword", data_dir=data_dir)
+    with pytest.raises(BulwarkInputError, match="no such folder"):
+        run_eval(tmp_path / "missing", out_dir=tmp_path / "o", judge="keyword", data_dir=data_dir)
+
+
+# ---- Typer commands ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def app():
+    import typer
+
+    from bulwark.eval.cli import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def main() -> None:
+        """test app"""
+
+    register(app)
+    return app
+
+
+def test_cli_registers_commands_and_reports_bad_input(app, tmp_path, data_dir):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and all(c in result.output for c in ("eval", "judge", "scan"))
+    result = runner.invoke(app, ["eval", str(tmp_path), "--judge", "keyword", "--data-dir", str(data_dir)])
+    assert result.exit_code == 2 and "error:" in result.output and "not a model folder" in result.output
+    result = runner.invoke(app, ["judge", "train", "nonsense", "--data-dir", str(data_dir)])
+    assert result.exit_code == 2 and "unknown judge kind" in result.output
+    result = runner.invoke(app, ["scan", str(tmp_path / "x.jsonl"), "--judge", "refusal"])
+    assert result.exit_code == 2 and "moderation" in result.output
+
+
+def test_cli_eval_from_yaml(app, tmp_path, tiny_model_dir, data_dir):
+    from typer.testing import CliRunner
+
+    config = tmp_path / "eval.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nout_dir: {tmp_path / 'out'}\njudge: keyword\nn_prompts: 2\n"
+                      f"n_benign: 0\nmax_new_tokens: 2\ndata_dir: {data_dir}\nmeta: {{stage: base}}\n")
+    result = CliRunner().invoke(app, ["eval", str(config), "--meta", "seed=3"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["n_harmful"] == 2 and summary["stage"] == "base" and summary["seed"] == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"model: {tiny_model_dir}\nprompts: 3\n")
+    result = CliRunner().invoke(app, ["eval", str(bad)])
+    assert result.exit_code == 2 and "unknown key(s) prompts" in result.output
+
+
+def test_help_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, typer; from bulwark.eval.cli import register; register(typer.Typer()); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
