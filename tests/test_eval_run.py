@@ -161,3 +161,26 @@ def test_help_does_not_import_torch():
     code = "import sys, typer; from bulwark.eval.cli import register; register(typer.Typer()); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_generation_from_an_adapter_folder(tiny_model_dir, tmp_path):
+    import peft
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bulwark.eval.generate import generate, load_for_generation
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a non-zero adapter, so it really changes the model
+        for name, param in lora.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)
+    adapter = tmp_path / "adapter"
+    lora.save_pretrained(adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert Path(config["base_model_name_or_path"]) == Path(tiny_model_dir)
+    model, tokenizer = load_for_generation(adapter)
+    assert isinstance(model, peft.PeftModel) and tokenizer.padding_side == "left"
+    outputs = generate(model, tokenizer, ["hello", "a longer prompt here"], max_new_tokens=3, batch_size=2)
+    assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)

@@ -65,7 +65,7 @@ def test_unknown_judge_lists_valid_names():
 # ---- learned judges: train on a small labeled split (frozen-embedding path) ----------------------------
 
 SMALL_CAPS = {
-    "refusal": {"beavertails_refusals": 80, "beavertails_harmful": 56, "alpaca": 24},
+    "refusal": {"beavertails_refusals": 100, "beavertails_harmful": 70, "alpaca": 30},
     "moderation": {"beavertails_harmful": 170, "beavertails_safe": 150, "alpaca": 20, "sst2_train": 20,
                    "agnews_train": 0, "gsm8k_train": 0},
 }
@@ -94,8 +94,8 @@ def trained(tmp_path_factory, data_dir) -> tuple[Path, dict]:
 def test_refusal_judge_beats_chance_on_held_out(trained):
     root, reports = trained
     report = reports["refusal"]
-    assert report["n_heldout"] >= 40
-    assert report["accuracy"] > 0.8, report
+    assert report["n_heldout"] >= 50
+    assert report["accuracy"] > 0.75, report
     meta = json.loads((root / "refusal" / "meta.json").read_text())
     assert meta["kind"] == "refusal" and meta["heldout"]["accuracy"] == report["accuracy"]
     assert not [p for p in root.iterdir() if p.name.startswith(".")], "temporary folders left behind"
