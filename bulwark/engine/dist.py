@@ -36,6 +36,10 @@ def init_distributed() -> tuple[int, int, int]:
         _fill_single_process_env()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not torch.cuda.is_available():
+        # DeepSpeed's CPU shared-memory all-reduce serves only inference_all_reduce, never training;
+        # skipping it saves a one-time C++ build and shared-memory segments named after MASTER_PORT.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
