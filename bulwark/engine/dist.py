@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 
@@ -43,10 +44,21 @@ def init_distributed() -> tuple[int, int, int]:
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        atexit.register(shutdown)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
+
+
+def shutdown() -> None:
+    """Tear the process group down before the interpreter does: a gloo group left to the interpreter's
+    exit can abort the process ("terminate called without an active exception") after a clean run."""
+    if torch.distributed.is_initialized():
+        try:
+            torch.distributed.destroy_process_group()
+        except Exception:  # noqa: BLE001  (at exit there is nobody left to report to)
+            pass
 
 
 def barrier() -> None:

@@ -22,6 +22,7 @@ The run folder (out_dir):
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import shutil
@@ -135,6 +136,9 @@ def _init_ranks() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        from bulwark.engine.dist import shutdown
+
+        atexit.register(shutdown)
     if torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
