@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -70,3 +71,16 @@ def bulwark_cli(args: list[str], data_dir: Path | None = None, timeout: int = RU
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     return proc
+
+
+def plain_model(model_dir: Path, lora: bool, state: dict) -> torch.nn.Module:
+    """The plain-PyTorch reference model: the tiny base (plus a fresh LoRA) loaded with `state`."""
+    from bulwark.config import LoraConfig
+    from bulwark.models import apply_lora, load_model
+
+    model = load_model(str(model_dir), "fp32")
+    if lora:
+        model = apply_lora(model, LoraConfig(enabled=True))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
+    return model

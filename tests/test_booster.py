@@ -15,13 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from bulwark.config import LoraConfig
 from bulwark.defenses import build_defense
 from bulwark.defenses.booster import Booster, BoosterConfig, BoosterVaccine, BoosterVaccineConfig
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
-from bulwark.models import apply_lora, load_model
-from tests.conftest import SCENARIOS, check, torchrun
+from tests.conftest import SCENARIOS, check, plain_model, torchrun
 
 LR = 0.5  # the scenario's SGD learning rate
 BIG = {"lamb": 5.0, "alpha": 0.5}  # a larger α than the default so that the λ term moves weights well past 1e-5
@@ -31,13 +29,6 @@ Batch = dict[str, torch.Tensor]
 # ---- the plain computation -------------------------------------------------------------------------
 
 
-def plain_model(model_dir: Path, lora: bool, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = load_model(str(model_dir), "fp32")
-    if lora:
-        model = apply_lora(model, LoraConfig(enabled=True))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    return model
 
 
 def mean_grad(params: list[torch.nn.Parameter], losses: list) -> list[torch.Tensor]:

@@ -18,12 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bulwark.config import LoraConfig
 from bulwark.defenses import build_defense
 from bulwark.defenses.repnoise import RepNoise, RepNoiseConfig, gaussian_mmd, stack_batches
 from bulwark.errors import BulwarkInputError
-from bulwark.models import apply_lora, load_model
-from tests.conftest import SCENARIOS, check, torchrun
+from bulwark.models import load_model
+from tests.conftest import SCENARIOS, check, plain_model, torchrun
 
 LR = 0.5  # the scenario's SGD learning rate
 BIG = {"beta": 1.0, "alpha": 1.0, "seed": 3}  # β large enough that the MMD term moves weights past 1e-5
@@ -78,13 +77,6 @@ def plain_loss(model: torch.nn.Module, harmless: Batch, harmful: Batch, cfg: Rep
     return ce(good, harmless["labels"]) + cfg.beta * mmd - cfg.alpha * torch.log(lens + 1)
 
 
-def plain_model(model_dir: Path, lora: bool, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = load_model(str(model_dir), "fp32")
-    if lora:
-        model = apply_lora(model, LoraConfig(enabled=True))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    return model
 
 
 def plain_repnoise(model_dir: Path, lora: bool, before: dict, ranks: list[dict], cfg: RepNoiseConfig) -> dict:

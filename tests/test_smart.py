@@ -18,13 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bulwark.config import LoraConfig
 from bulwark.defenses import build_defense
 from bulwark.defenses.smart import Smart, SmartConfig, project_step, sym_kl
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import causal_lm_loss
-from bulwark.models import apply_lora, load_model
-from tests.conftest import SCENARIOS, check, torchrun
+from tests.conftest import SCENARIOS, check, plain_model, torchrun
 
 BIG = {"noise_std": 0.01, "step_size": 0.01, "epsilon": 0.005, "beta": 0.5, "lambda_s": 5.0, "mu": 5.0, "seed": 3}
 Batch = dict[str, torch.Tensor]
@@ -64,13 +62,6 @@ def plain_loss(model: torch.nn.Module, ema_model: torch.nn.Module, batch: Batch,
             + cfg.mu * plain_sym_kl(clean, ema_logits, mask))
 
 
-def plain_model(model_dir: Path, lora: bool, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = load_model(str(model_dir), "fp32")
-    if lora:
-        model = apply_lora(model, LoraConfig(enabled=True))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    return model
 
 
 def plain_smart(model_dir: Path, lora: bool, before: dict, ranks: list[dict], cfg: SmartConfig, lr: float,

@@ -22,14 +22,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from bulwark.config import LoraConfig
 from bulwark.defenses import build_defense
 from bulwark.defenses.tvaccine import TVaccine, TVaccineConfig, sample_layers
 from bulwark.defenses.vaccine import RandomVaccineConfig, Vaccine, VaccineConfig
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
-from bulwark.models import apply_lora, load_model, save_tiny_llama, tiny_llama
-from tests.conftest import SCENARIOS, check, torchrun
+from bulwark.models import save_tiny_llama, tiny_llama
+from tests.conftest import SCENARIOS, check, plain_model, torchrun
 
 LR = 0.5  # the scenario's SGD learning rate
 Batch = dict[str, torch.Tensor]
@@ -107,13 +106,6 @@ def plain_vaccine_backward(model: torch.nn.Module, groups: list[list[Batch]], rh
     return norms
 
 
-def plain_model(model_dir: Path, lora: bool, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = load_model(str(model_dir), "fp32")
-    if lora:
-        model = apply_lora(model, LoraConfig(enabled=True))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
-    return model
 
 
 def sgd_step(model: torch.nn.Module) -> None:

@@ -17,39 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from synthetic import random_rows
+from synthetic import SyntheticStream
 
 from bulwark.config import LoraConfig, TrainConfig
-from bulwark.data.collate import pad_collate
 from bulwark.defenses import REGISTRY
 from bulwark.engine import Engine
 from bulwark.models import apply_lora, load_model
-
-
-def rows_for(seed: int, count: int, vocab: int, ragged: bool) -> list[dict]:
-    return random_rows(seed, count, vocab, ragged)
-
-
-class SyntheticStream:
-    """Deterministic micro-batches per (stream, rank, call number), recorded as they are handed out."""
-
-    def __init__(self, offset: int, rank: int, mbs: int, vocab: int, ragged: bool) -> None:
-        self.offset, self.rank, self.mbs, self.vocab, self.ragged = offset, rank, mbs, vocab, ragged
-        self.calls = 0
-        self.handed: list[dict] = []
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        seed = self.offset + 1000 * self.calls + self.rank
-        self.calls += 1
-        batch = pad_collate(rows_for(seed, self.mbs, self.vocab, self.ragged), 0)
-        self.handed.append({k: v.tolist() for k, v in batch.items()})
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"calls": self.calls}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.calls = state["calls"]
 
 
 def snapshot(engine: Engine) -> list[torch.Tensor]:

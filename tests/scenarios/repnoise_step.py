@@ -14,38 +14,12 @@ import time
 from pathlib import Path
 
 import torch
-from synthetic import random_rows
+from synthetic import SyntheticStream
 
 from bulwark.config import LoraConfig, TrainConfig
-from bulwark.data.collate import pad_collate
 from bulwark.defenses.repnoise import RepNoise, RepNoiseConfig
 from bulwark.engine import Engine
 from bulwark.models import apply_lora, load_model
-
-
-def rows_for(seed: int, count: int, vocab: int, ragged: bool) -> list[dict]:
-    return random_rows(seed, count, vocab, ragged)
-
-
-class SyntheticStream:
-    """Micro-batch number k of a (stream, rank) is always the same rows: a resumed run regenerates them."""
-
-    def __init__(self, offset: int, rank: int, mbs: int, vocab: int, ragged: bool) -> None:
-        self.offset, self.rank, self.mbs, self.vocab, self.ragged = offset, rank, mbs, vocab, ragged
-        self.calls = 0
-        self.handed: list[dict] = []
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        batch = pad_collate(rows_for(self.offset + 1000 * self.calls + self.rank, self.mbs, self.vocab, self.ragged), 0)
-        self.calls += 1
-        self.handed.append({k: v.tolist() for k, v in batch.items()})
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"calls": self.calls}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.calls = state["calls"]
 
 
 def build(model_dir: str, lora: bool):
