@@ -15,6 +15,15 @@ from bulwark.errors import BulwarkInputError
 
 STAGES = ("align", "finetune")
 
+# glibc hands every freed block over 128 KiB back to the kernel, so each ZeRO-3 gather of a layer
+# page-faults fresh zeroed memory again (a third of a CPU step's time went to the kernel). Keeping
+# freed memory in the heap measured 8.1 -> 6.6 s a step on SmolLM2 (1 rank, 4 x 128 tokens).
+CPU_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30),
+    "MALLOC_TOP_PAD_": str(2**30),
+}
+
 
 def validate(stage: str, config: str | None, overrides: list[str], resume: bool, overwrite: bool) -> int:
     """Everything that can be checked without starting DeepSpeed; returns launch.nproc."""
@@ -82,4 +91,5 @@ def launch(
     else:
         # torchrun pins every rank to one thread; on a CPU run the ranks should share the cores instead
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env.update({k: v for k, v in CPU_MALLOC_ENV.items() if k not in env})
     return subprocess.call(cmd, env=env)
