@@ -45,11 +45,12 @@ class BenchConfig:
     finetune_defenses: list[str] = field(default_factory=lambda: ["sft", "lisa"])
     ps: list[float] = field(default_factory=lambda: [0.1])
     eval_base: bool = True  # also evaluate the base model and each aligned model
-    recover: bool = False  # run `bulwark recover` on each attacked model (needs the recover stage)
+    recover: bool = False  # also run `bulwark recover` (aligned -> each fine-tuned model) and evaluate it
     # key=value overrides for every run of a stage (e.g. {"train.steps": 40}), and per defense
     align: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
     defense_overrides: dict[str, Any] = field(default_factory=dict)  # {"lisa": {"align_steps": 3}}
+    recover_overrides: dict[str, Any] = field(default_factory=dict)  # {"restore": {"steps": 10}}
     eval: EvalSettings = field(default_factory=EvalSettings)
     data_dir: str | None = None
 
@@ -138,6 +139,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         )
         if stage == "finetune" or cfg.eval_base:
             cells.append(cell)
+        if stage == "finetune" and cfg.recover:
+            cells.append(run_recover(cfg, cell, out, data_overrides, log))
 
     rows = []
     for j, cell in enumerate(cells, 1):
@@ -145,6 +148,26 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         rows.append(evaluate_cell(cfg, cell, out))
     write_results(rows, out)
     return rows
+
+
+def run_recover(cfg: BenchConfig, attacked: Cell, out: Path, data_overrides: list[str],
+                log: Callable[[str], None]) -> Cell:
+    """`bulwark recover` of one fine-tuned model toward its aligned model; skipped when finished."""
+    from bulwark.recover.recipe import launch_recover
+
+    run_dir = out / f"rec_{attacked.align_defense}_{attacked.finetune_defense}_p{attacked.p}"
+    if (run_dir / "DONE").is_file():
+        log(f"recover {attacked.label}: done earlier, skipped")
+    else:
+        log(f"recover {attacked.label} -> {run_dir}")
+        overrides = [f"out_dir={run_dir}", f"aligned={out / f'align_{attacked.align_defense}' / 'model'}",
+                     f"finetuned={attacked.model_dir}", *data_overrides, *_flatten("", cfg.recover_overrides)]
+        # a recover run has no checkpoints to resume from: a killed one starts over
+        code = launch_recover(None, overrides, overwrite=run_dir.exists())
+        if code:
+            raise RuntimeError(f"bench: recover of {attacked.label} failed with exit code {code} (see {run_dir})")
+    return Cell(f"{attacked.label}+recover", run_dir / "model", "recover", attacked.align_defense,
+                attacked.finetune_defense, attacked.p, run_dir)
 
 
 def evaluate_cell(cfg: BenchConfig, cell: Cell, out: Path) -> dict[str, Any]:

@@ -62,6 +62,10 @@ class DataConfig:
     align: str = "beavertails_refusals"
     align_n: int = 1000
     align_refusals_only: bool = True  # keep only alignment answers that really refuse
+    # benign instruction rows mixed into the alignment rows: refusals alone teach the model to refuse
+    # benign prompts too (measured on SmolLM2: 80% of AlpacaEval prompts refused); 0 = refusals only
+    align_benign: str = "alpaca"
+    align_benign_n: int = 0
     seed: int = 42
 
 
@@ -272,6 +276,7 @@ def validate(cfg: Config) -> None:
         (0.0 <= cfg.data.p <= 1.0, f"data.p = {cfg.data.p} must be in [0, 1]"),
         (cfg.data.n >= 1, f"data.n = {cfg.data.n} must be at least 1"),
         (cfg.data.align_n >= 1, f"data.align_n = {cfg.data.align_n} must be at least 1"),
+        (cfg.data.align_benign_n >= 0, f"data.align_benign_n = {cfg.data.align_benign_n} must be >= 0"),
         (cfg.data.max_length >= 8, f"data.max_length = {cfg.data.max_length} is too small (>= 8)"),
         (cfg.train.steps >= 1, f"train.steps = {cfg.train.steps} must be at least 1"),
         (cfg.train.micro_batch_size >= 1, "train.micro_batch_size must be at least 1"),

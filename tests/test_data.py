@@ -371,3 +371,25 @@ def test_stream_epochs_differ_and_cover_rows():
 def test_stream_too_small():
     with pytest.raises(BulwarkInputError, match=r"'lisa_align' has 5 rows.*global micro-batch of 8"):
         DistributedStream(features(5), micro_batch_size=4, rank=0, world_size=2, seed=0, pad_id=0, name="lisa_align")
+
+
+def test_alignment_rows_mix_benign_instructions(data_dir):
+    from bulwark.config import load_config
+    from bulwark.eval.judge_data import has_gcg_phrase
+    from bulwark.recipes.streams import alignment_rows
+
+    base = {"data.dir": str(data_dir), "data.align_n": 30}
+    refusals = alignment_rows(load_config(None, [f"{k}={v}" for k, v in base.items()], "align"))
+    assert len(refusals) == 30 and all(has_gcg_phrase(ex.response) for ex in refusals)
+    cfg = load_config(None, [f"{k}={v}" for k, v in base.items()] + ["data.align_benign_n=10"], "align")
+    mixed = alignment_rows(cfg)
+    benign = [ex for ex in mixed if ex not in refusals]
+    assert len(mixed) == 40 and len(benign) == 10
+    assert {ex.prompt for ex in refusals} <= {ex.prompt for ex in mixed}
+    alpaca = {ex.prompt for ex in load_examples("alpaca", None, data_dir)}
+    assert all(ex.prompt in alpaca for ex in benign)
+    assert [ex.prompt for ex in mixed[:30]] != [ex.prompt for ex in refusals]  # shuffled in, not appended
+    assert mixed == alignment_rows(cfg)  # seeded
+    with pytest.raises(BulwarkInputError, match="data.align_benign_n"):
+        alignment_rows(load_config(None, [f"data.dir={data_dir}", "data.align_n=1", "data.align_benign_n=999999"],
+                                   "align"))

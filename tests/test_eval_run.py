@@ -184,3 +184,19 @@ def test_generation_from_an_adapter_folder(tiny_model_dir, tmp_path):
     assert isinstance(model, peft.PeftModel) and tokenizer.padding_side == "left"
     outputs = generate(model, tokenizer, ["hello", "a longer prompt here"], max_new_tokens=3, batch_size=2)
     assert len(outputs) == 2 and all(isinstance(o, str) for o in outputs)
+
+
+def test_per_prompt_budgets_equal_separate_runs(tiny_model_dir):
+    """A budget per prompt gives each prompt what a run with that one budget gives it (greedy)."""
+    from bulwark.eval.generate import generate, load_for_generation
+
+    model, tokenizer = load_for_generation(tiny_model_dir)
+    prompts = ["hello", "a longer prompt here", "third one", "x"]
+    short = generate(model, tokenizer, prompts, max_new_tokens=2, batch_size=2)
+    long = generate(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)
+    mixed = generate(model, tokenizer, prompts, max_new_tokens=[2, 6, 6, 2], batch_size=2)
+    assert mixed == [short[0], long[1], long[2], short[3]]
+    assert len(tokenizer(long[1], add_special_tokens=False)["input_ids"]) > len(
+        tokenizer(short[1], add_special_tokens=False)["input_ids"])
+    with pytest.raises(ValueError, match="3 max_new_tokens budgets for 4 prompts"):
+        generate(model, tokenizer, prompts, max_new_tokens=[2, 2, 2])

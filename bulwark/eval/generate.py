@@ -113,22 +113,29 @@ def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
 
 
 @torch.inference_mode()
-def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 16,
-             max_prompt_tokens: int = 1024, on_batch: Callable[[int], None] | None = None) -> list[str]:
+def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int | list[int] = 128,
+             batch_size: int = 16, max_prompt_tokens: int = 1024,
+             on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Greedy completions of already-rendered prompts, in input order.
 
-    Prompts are batched by length (less padding), left-padded, and cut to their last
-    `max_prompt_tokens` tokens. `on_batch(n)` is called after each batch of n prompts.
+    `max_new_tokens` is one budget for all prompts or one per prompt (a label word needs a few tokens,
+    a refusal check a sentence). Prompts are batched by budget, then length (less padding),
+    left-padded, and cut to their last `max_prompt_tokens` tokens. `on_batch(n)` is called after each
+    batch of n prompts.
     """
-    if max_new_tokens < 1 or batch_size < 1:
+    budgets = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} max_new_tokens budgets for {len(prompts)} prompts")
+    if (budgets and min(budgets) < 1) or batch_size < 1:
         raise BulwarkInputError(f"max_new_tokens ({max_new_tokens}) and batch_size ({batch_size}) must be at least 1")
     ids = [_prompt_ids(tokenizer, p)[-max_prompt_tokens:] for p in prompts]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    order = sorted(range(len(ids)), key=lambda i: (budgets[i], len(ids[i])))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
     outputs: list[str] = [""] * len(prompts)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        budget = max(budgets[i] for i in chunk)
         width = max(len(ids[i]) for i in chunk)
         input_ids = torch.full((len(chunk), width), pad, dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -138,7 +145,7 @@ def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
         out = model.generate(
             input_ids=input_ids.to(device),
             attention_mask=attention.to(device),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=budget,
             do_sample=False,
             pad_token_id=pad,
         )
@@ -164,7 +171,8 @@ def generate_sharded(
     """Generate an output for every item across the ranks; rank 0 returns the merged rows, others None.
 
     Each row is the item plus "index" (its position in `items`), "rendered" (the prompt text the model
-    saw) and "output". `render(item, tokenizer)` builds the prompt text. Rank files go next to `out_file`.
+    saw) and "output". `render(item, tokenizer)` builds the prompt text. An item's own "max_new_tokens"
+    overrides the budget. Rank files go next to `out_file`.
     """
     rank, world = dist_info()
     out_file = Path(out_file)
@@ -181,7 +189,8 @@ def generate_sharded(
             rate = done / max(1e-9, time.time() - started)
             log(f"generate: rank 0 {done}/{len(mine)} prompts ({rate:.2f}/s, world {world})")
 
-    outputs = generate(model, tokenizer, rendered, max_new_tokens, batch_size, on_batch=progress)
+    budgets = [int(items[i].get("max_new_tokens") or max_new_tokens) for i in mine]
+    outputs = generate(model, tokenizer, rendered, budgets, batch_size, on_batch=progress)
     rows = [{"index": i, **items[i], "rendered": text, "output": output}
             for i, text, output in zip(mine, rendered, outputs, strict=True)]
     atomic_write_jsonl(out_file.parent / RANK_FILE.format(rank=rank), rows)

@@ -17,14 +17,22 @@ def sample(rows: list[Example], k: int, seed: int, what: str) -> list[Example]:
 
 
 def alignment_rows(cfg: Config) -> list[Example]:
-    """Harmful prompts with refusals. Only answers that really refuse are kept by default: about a
-    quarter of BeaverTails' "safe" answers comply harmlessly, which teaches no refusal."""
+    """Harmful prompts with refusals, plus `align_benign_n` benign instructions answered helpfully,
+    shuffled together. Only answers that really refuse are kept by default: about a quarter of
+    BeaverTails' "safe" answers comply harmlessly, which teaches no refusal."""
     from bulwark.eval.judge_data import has_gcg_phrase
 
-    rows = load_examples(cfg.data.align, None, resolve_data_dir(cfg.data.dir))
+    data_dir = resolve_data_dir(cfg.data.dir)
+    rows = load_examples(cfg.data.align, None, data_dir)
     if cfg.data.align_refusals_only:
         rows = [ex for ex in rows if has_gcg_phrase(ex.response)]
-    return sample(rows, cfg.data.align_n, cfg.data.seed, f"data.align_n ({cfg.data.align})")
+    chosen = sample(rows, cfg.data.align_n, cfg.data.seed, f"data.align_n ({cfg.data.align})")
+    if cfg.data.align_benign_n:
+        benign = load_examples(cfg.data.align_benign, None, data_dir)
+        chosen += sample(benign, cfg.data.align_benign_n, cfg.data.seed + 2,
+                         f"data.align_benign_n ({cfg.data.align_benign})")
+        random.Random(cfg.data.seed + 3).shuffle(chosen)
+    return chosen
 
 
 def harmful_rows(cfg: Config, k: int) -> list[Example]:
