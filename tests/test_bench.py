@@ -43,6 +43,33 @@ def test_bench_runs_and_resumes_without_redoing_cells(tmp_path: Path, tiny_model
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
 
 
+def test_bench_recover_cells_run_once(tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
+    out = tmp_path / "bench"
+    overrides = [o for o in tiny_bench(out, tiny_model_dir, data_dir) if not o.startswith("finetune_defenses=")]
+    overrides += [
+        "finetune_defenses=sft", "recover=true", "recover_overrides.restore.steps=2",
+        "recover_overrides.restore.warmup_steps=1", "recover_overrides.restore.checkpoint_every=1",
+        "recover_overrides.restore.fraction=0.01", "recover_overrides.task.metric=loss",
+        "recover_overrides.task.n=3", "recover_overrides.data.harmful_n=4", "recover_overrides.data.task_n=4",
+        "recover_overrides.data.max_length=32",
+    ]
+    cfg = load_bench_config(None, overrides)
+    rows = run_bench(cfg, log=lambda m: None)
+    assert [r["model"] for r in rows] == ["sft->sft@p=0.25", "sft->sft@p=0.25+recover"]
+    recovered = rows[1]
+    assert recovered["stage"] == "recover" and 0 <= recovered["HS"] <= 100
+    rec_dir = out / "rec_sft_sft_p0.25"
+    assert (rec_dir / "DONE").is_file() and (rec_dir / "model" / "config.json").is_file()
+    summary = (rec_dir / "summary.json").read_text()
+    assert str(out / "align_sft" / "model") in (rec_dir / "config.yaml").read_text() and summary
+    stamp = (rec_dir / "DONE").stat().st_mtime_ns
+
+    messages: list[str] = []
+    assert run_bench(cfg, log=messages.append) == rows
+    assert any(m.startswith("recover ") and "skipped" in m for m in messages)
+    assert (rec_dir / "DONE").stat().st_mtime_ns == stamp
+
+
 def test_bench_config_errors() -> None:
     with pytest.raises(BulwarkInputError, match="unknown finetune defense 'lisaa'"):
         load_bench_config(None, ["finetune_defenses=sft,lisaa"])
