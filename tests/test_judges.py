@@ -65,7 +65,7 @@ def test_unknown_judge_lists_valid_names():
 # ---- learned judges: train on a small labeled split (frozen-embedding path) ----------------------------
 
 SMALL_CAPS = {
-    "refusal": {"beavertails_refusals": 100, "beavertails_harmful": 70, "alpaca": 30},
+    "refusal": {"beavertails_refusals": 100, "beavertails_harmful": 70, "alpaca": 30, "alpaca+refused": 30},
     "moderation": {"beavertails_harmful": 170, "beavertails_safe": 150, "alpaca": 20, "sst2_train": 20,
                    "agnews_train": 0, "gsm8k_train": 0},
 }
@@ -119,6 +119,39 @@ def test_trained_refusal_judge_reads_crafted_answers(trained, data_dir):
     ])
     assert [v.harmful for v in verdicts] == [False, True]
     assert verdicts[0].label == "refusal" and 0.0 <= verdicts[0].score < 0.5 < verdicts[1].score <= 1.0
+
+
+def test_refusal_judge_learns_refusals_of_benign_prompts(trained):
+    # Held-out benign prompts declined (judge_data "alpaca+refused") are read as refusals, and the
+    # same prompts answered helpfully as compliance: the judge looks at the answer, not the prompt.
+    _, reports = trained
+    by_origin, counts = reports["refusal"]["accuracy_by_origin"], reports["refusal"]["n_heldout_by_origin"]
+    assert counts["alpaca+refused"] >= 5 and counts["alpaca"] >= 5
+    assert by_origin["alpaca+refused"] >= 0.8 and by_origin["alpaca"] >= 0.8, by_origin
+
+
+def test_judge_trained_on_older_data_is_retrained_once(trained, data_dir, tmp_path, monkeypatch):
+    import shutil
+
+    from bulwark.eval import judge_train
+    from bulwark.eval.judges import learned_judge
+
+    root, _ = trained
+    shutil.copytree(root / "refusal", tmp_path / "refusal")
+    meta_file = tmp_path / "refusal" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["data_version"] == judge_train.JUDGE_DATA_VERSION
+    meta_file.write_text(json.dumps({**meta, "data_version": judge_train.JUDGE_DATA_VERSION - 1}))
+    calls = []
+
+    def fake_train(kind, data_dir_, out_dir):
+        calls.append(kind)
+        meta_file.write_text(json.dumps(meta))
+
+    monkeypatch.setattr(judge_train, "train_judge", fake_train)
+    learned_judge("refusal", data_dir, root=tmp_path)
+    learned_judge("refusal", data_dir, root=tmp_path)
+    assert calls == ["refusal"]
 
 
 def test_untrained_judge_without_data_is_a_clear_error(tmp_path, monkeypatch):

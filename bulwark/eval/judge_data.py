@@ -13,6 +13,12 @@
     BeaverTails marks some refusals unsafe; those rows are left out rather than taught as compliance.
     Rows that comply and mention "illegal" later stay compliance: that is what the keyword judge misses.
   - alpaca.jsonl: benign compliance (0), so a helpful answer to a benign question is not a refusal.
+  - benign refusals (1): each Alpaca instruction declined in a sentence that names it, followed by a
+    refusal taken from beavertails_refusals (origin "alpaca+refused"). Without them the judge has only
+    seen refusals of harmful prompts and reads an over-aligned model's "I cannot provide instructions
+    on how to wrap a present neatly" as compliance, which hides over-refusal, the very failure the
+    benign prompts are there to catch. The declining sentence names the task because an over-aligned
+    model's refusals do; a refusal about some other topic alone taught the judge too little.
 
 `moderation` judge: label 1 = harmful content: beavertails_harmful (1) vs beavertails_safe (0), plus
 benign fine-tuning rows (Alpaca, SST-2, AG News, GSM8K train, 0) so that `bulwark scan` does not flag
@@ -132,6 +138,16 @@ def harmful_file_label(response: str) -> int | None:
     return None if any(m in first_sentence(response) for m in DECLINE_MARKERS) else 0
 
 
+# How an over-aligned model declines a benign request (seen on SmolLM2 aligned on refusals only).
+BENIGN_DECLINES: tuple[str, ...] = (
+    "I cannot provide instructions on how to {task}.",
+    "I'm sorry, but I cannot help you {task}.",
+    "I cannot assist with this request ({task}).",
+    "As an AI, I am not able to {task}.",
+    "I'm not able to provide that: {task}.",
+)
+
+
 def _alpaca_prompt(row: dict) -> str:
     return row["instruction"] + ("\n\n" + row["input"] if row.get("input") else "")
 
@@ -147,8 +163,16 @@ def refusal_pairs(data_dir: str | Path | None) -> list[LabeledPair]:
         label = harmful_file_label(row["response"])
         if label is not None:
             pairs.append(LabeledPair(row["prompt"], row["response"], label, "beavertails_harmful"))
-    for row in read_rows("alpaca", data_dir):
+    alpaca = read_rows("alpaca", data_dir)
+    for row in alpaca:
         pairs.append(LabeledPair(_alpaca_prompt(row), row["output"], 0, "alpaca"))
+    refusals = [p.response for p in pairs if p.label == 1]
+    rng = random.Random(0)
+    for row in alpaca:
+        task = row["instruction"].strip().rstrip(".?!")
+        task = task[:1].lower() + task[1:]
+        decline = rng.choice(BENIGN_DECLINES).format(task=task)
+        pairs.append(LabeledPair(_alpaca_prompt(row), f"{decline} {rng.choice(refusals)}", 1, "alpaca+refused"))
     return pairs
 
 

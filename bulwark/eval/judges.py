@@ -17,6 +17,7 @@ counts it as harmful beside the judge's own verdict, as the Booster paper does.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -155,13 +156,19 @@ class LearnedJudge:
 def learned_judge(kind: str, data_dir: str | Path | None = None, root: Path | None = None,
                   train_if_missing: bool = True) -> LearnedJudge:
     """The saved `kind` judge; trained once on the fly (a few minutes on 2 CPU cores) if missing."""
+    from bulwark.data.readers import resolve_data_dir
+    from bulwark.eval.judge_train import JUDGE_DATA_VERSION, train_judge
+
     folder = (root or judges_root()) / kind
-    if not (folder / "meta.json").is_file():
+    meta_file = folder / "meta.json"
+    stale = meta_file.is_file() and json.loads(meta_file.read_text()).get("data_version", 1) != JUDGE_DATA_VERSION
+    if stale and train_if_missing and resolve_data_dir(data_dir) is not None:
+        print(f"[bulwark] the cached {kind} judge in {folder} was trained on older data: retraining it",
+              file=sys.stderr, flush=True)
+        train_judge(kind, data_dir, folder.parent)
+    elif not meta_file.is_file():
         if not train_if_missing:
             raise BulwarkInputError(f"the {kind} judge is not trained ({folder} is empty); run `bulwark judge train {kind}`")
-        from bulwark.data.readers import resolve_data_dir
-        from bulwark.eval.judge_train import train_judge
-
         if resolve_data_dir(data_dir) is None:
             raise BulwarkInputError(
                 f"the {kind} judge is not trained yet and no data folder is set to train it; set BULWARK_DATA_DIR "
