@@ -1,26 +1,53 @@
-"""Step time of each defense relative to SFT, in the same run, plus per-rank defense state and memory.
+"""Step time of each defense relative to SFT, plus per-rank defense state and peak memory per defense.
 
+    # all defenses round-robin in ONE process per rank (best for ratios on a noisy machine; no memory per defense)
     torchrun --nproc_per_node 2 bench/step_time.py --model tiny --defenses sft,lisa
-    torchrun --nproc_per_node 1 bench/step_time.py --model embedded --defenses sft,lisa --seq 128 --mbs 4
+    # one torchrun per defense (memory per defense): run with python, it spawns the torchruns
+    python bench/step_time.py --isolate --nproc 2 --model tiny --defenses sft,vaccine,smart
 
 Every defense trains the same model from the same weights on the same synthetic token batches
-(micro batch x seq tokens, all labelled), through the real engine and hook loop. Defenses run
-round-robin, `--rounds` times, so that machine noise (other jobs on a shared CPU) hits all of them
-alike; the figure is the median step time over all timed steps. "state bytes" is what the defense
-keeps per rank between steps (Lisa's anchors, SMART's EMA, ...): the target is trainable bytes /
-world size. Prints a markdown table on rank 0 and writes it as JSON with --out.
+(micro batch x seq tokens, all labelled), through the real engine and hook loop. Timing: the first
+step of each round warms caches up and is not timed; the figure is the median over all timed steps.
+In one process, defenses run round-robin `--rounds` times so that machine noise hits all of them
+alike. A defense label may carry config overrides: `vaccine[own_trace=false]`.
+
+Columns: "pass floor" is the defense's forward/backward work relative to SFT's, counted in passes
+(each defense's docstring and docs/DEFENSES.md derive it); "target" is issue 3's. "state bytes" is
+what the defense keeps per rank between steps (Lisa's anchors, SMART's EMA, ...): trainable bytes /
+world size is the target. "peak memory per rank" (with --isolate only; rank 0's process):
+- GPU: torch.cuda.max_memory_allocated over the timed steps (reset before them).
+- CPU: the highest resident set size (/proc/self/statm) seen by a thread sampling it every 2 ms during
+  the timed steps: weights, optimizer state, defense state, activations and allocator slack (freed
+  memory the allocator keeps is counted; a transient shorter than the sampling period can be missed).
+  "load peak" is ru_maxrss before the first step (model loading and engine set-up).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# forward/backward work relative to SFT, counted in passes of the same rows (docs/DEFENSES.md)
+PASS_FLOOR = {
+    "sft": "1", "mix": "1", "lisa": "1", "vaccine-random": "1",
+    "vaccine": "2", "t-vaccine": "2", "repnoise": "~2", "booster": "3", "booster+vaccine": "~4",
+    "smart": "2.3-3.3",
+}
+TARGET = {"lisa": 1.05, "vaccine": 2.1, "t-vaccine": 2.1, "booster": 3.1, "repnoise": 2.3, "smart": 2.2}
+# the environment the launcher gives CPU ranks (bulwark/launch.py), so that spawned benchmarks match it
+CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30),
+                  "MALLOC_TOP_PAD_": str(2**30)}
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -31,6 +58,18 @@ def tensor_bytes(obj: Any) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tensor_bytes(v) for v in obj)
     return 0
+
+
+def parse_label(label: str) -> tuple[str, dict[str, Any]]:
+    """"vaccine[own_trace=false,rho=3]" -> ("vaccine", {"own_trace": False, "rho": 3})."""
+    if "[" not in label:
+        return label, {}
+    name, _, rest = label.partition("[")
+    options = {}
+    for item in rest.rstrip("]").split(","):
+        key, _, value = item.partition("=")
+        options[key.strip()] = json.loads(value.strip())
+    return name, options
 
 
 class SyntheticStream:
@@ -49,6 +88,150 @@ class SyntheticStream:
         pass
 
 
+class PeakMemory:
+    """Peak memory of this process while running: see the module docstring."""
+
+    def __init__(self, period_s: float = 0.002) -> None:
+        self.period_s, self.peak, self._stop = period_s, 0, threading.Event()
+        self._thread: threading.Thread | None = None
+        self._page = os.sysconf("SC_PAGE_SIZE")
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self._page
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.period_s)
+
+    def __enter__(self) -> PeakMemory:
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.peak = self._rss()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if torch.cuda.is_available():
+            self.peak = int(torch.cuda.max_memory_allocated())
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._rss())
+
+
+def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
+    from bulwark import models
+    from bulwark.config import LoraConfig, TrainConfig
+    from bulwark.defenses import build_defense
+    from bulwark.engine import Engine, peak_memory_bytes
+
+    labels = [n for n in args.defenses.split(",") if n]
+    total_steps = args.rounds * (args.steps + 1)
+    train = TrainConfig(steps=total_steps, micro_batch_size=args.mbs, lr=1e-5)
+    lora = LoraConfig(enabled=args.lora)
+
+    def build() -> torch.nn.Module:
+        model = models.load_model(args.model, "fp32")
+        return models.apply_lora(model, lora) if args.lora else model
+
+    runs = {}
+    for label in labels:
+        name, options = parse_label(label)
+        engine = Engine(build, train, args.ds_config, "fp32", total_steps)
+        defense = build_defense({"name": name, **options}, "", total_steps)
+        defense.attach(engine)
+        engine.add_pre_step_hook(defense.before_step)
+        vocab = engine.module.config.vocab_size
+        streams = {s: SyntheticStream(vocab, args.mbs, args.seq, seed=i + 100 * engine.rank)
+                   for i, s in enumerate(("main", "align", "harmful"))}
+        runs[label] = {"engine": engine, "defense": defense, "streams": streams, "times": [], "step": 0}
+    load_peak = peak_memory_bytes()
+
+    with PeakMemory() as memory:
+        for _ in range(args.rounds):
+            for label in labels:
+                run = runs[label]
+                engine, defense = run["engine"], run["defense"]
+                for i in range(args.steps + 1):
+                    t0 = time.perf_counter()
+                    batch = engine.to_device(defense.next_batch(run["streams"], run["step"]))
+                    loss = defense.loss(engine, batch)
+                    engine.backward(loss)
+                    engine.step()
+                    run["step"] += 1
+                    defense.after_step(engine, run["step"])
+                    if i:
+                        run["times"].append(time.perf_counter() - t0)
+
+    first = runs[labels[0]]["engine"]
+    trainable_bytes = sum(getattr(p, "ds_numel", p.numel()) * 4 for _, p in first.trainable_parameters())
+    rows = [{
+        "defense": label, "step_s": statistics.median(runs[label]["times"]), "times": runs[label]["times"],
+        "state_bytes_per_rank": tensor_bytes(runs[label]["defense"].state_dict()),
+        # only meaningful when this process ran this defense alone (--isolate)
+        "peak_mem_bytes": memory.peak if len(labels) == 1 else None,
+        "load_peak_bytes": load_peak if len(labels) == 1 else None,
+    } for label in labels]
+    return {
+        "rank": first.rank, "model": args.model, "world_size": first.world_size, "micro_batch": args.mbs,
+        "seq": args.seq, "lora": args.lora, "ds_config": args.ds_config, "trainable_bytes": trainable_bytes,
+        "threads": torch.get_num_threads(), "rows": rows,
+    }
+
+
+def run_isolated(args: argparse.Namespace) -> dict[str, Any]:
+    """One torchrun per defense; each child writes its rank-0 result as JSON."""
+    labels = [n for n in args.defenses.split(",") if n]
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+        env.update({k: v for k, v in CPU_MALLOC_ENV.items() if k not in env})
+    rows, result = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, label in enumerate(labels):
+            out = Path(tmp) / f"{i}.json"
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+                   "--master_port", str(29500 + os.getpid() % 1000 + i), __file__,
+                   "--model", args.model, "--defenses", label, "--mbs", str(args.mbs), "--seq", str(args.seq),
+                   "--steps", str(args.steps), "--rounds", str(args.rounds), "--ds-config", args.ds_config,
+                   "--out", str(out)] + (["--lora"] if args.lora else [])
+            print(f"[{label}] {' '.join(cmd[3:])}", flush=True)
+            subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+            child = json.loads(out.read_text())
+            rows.extend(child["rows"])
+            result = child
+    result["rows"] = rows
+    result["isolated"] = True
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    world, trainable = result["world_size"], result["trainable_bytes"]
+    base = next((r["step_s"] for r in rows if r["defense"] == "sft"), rows[0]["step_s"])
+    base_name = "sft" if any(r["defense"] == "sft" for r in rows) else rows[0]["defense"]
+    mode = "one process per defense" if result.get("isolated") else "round-robin in one process"
+    print(f"\nmodel {result['model']}, world size {world}, micro batch {result['micro_batch']} x {result['seq']} "
+          f"tokens, {result['ds_config']}, {result['threads']} threads per rank, {mode}, trainable "
+          f"{trainable / 2**20:.1f} MiB ({trainable / world / 2**20:.1f} MiB per rank)")
+    print(f"| defense | s/step (median) | ratio vs {base_name} | pass floor | target | state bytes per rank "
+          "| peak memory per rank (MiB) | load peak (MiB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        name = parse_label(row["defense"])[0]
+        target = TARGET.get(name)
+        ratio = row["step_s"] / base
+        verdict = "" if target is None else (" (met)" if ratio <= target else " (not met)")
+        peak = "-" if row.get("peak_mem_bytes") is None else f"{row['peak_mem_bytes'] / 2**20:,.0f}"
+        load = "-" if row.get("load_peak_bytes") is None else f"{row['load_peak_bytes'] / 2**20:,.0f}"
+        print(f"| {row['defense']} | {row['step_s']:.3f} | {ratio:.2f}{verdict} | {PASS_FLOOR.get(name, '?')} | "
+              f"{'-' if target is None else f'<= {target}'} | {row['state_bytes_per_rank']:,} | {peak} | {load} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny")
@@ -59,79 +242,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--ds-config", default="zero3")
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--isolate", action="store_true", help="one torchrun per defense: peak memory per defense")
+    parser.add_argument("--nproc", type=int, default=1, help="ranks per torchrun with --isolate")
     parser.add_argument("--out", default="")
     args = parser.parse_args()
 
-    from bulwark import models
-    from bulwark.config import LoraConfig, TrainConfig
-    from bulwark.defenses import build_defense
-    from bulwark.engine import Engine, peak_memory_bytes
-
-    names = [n for n in args.defenses.split(",") if n]
-    total_steps = args.rounds * (args.steps + 1)
-    train = TrainConfig(steps=total_steps, micro_batch_size=args.mbs, lr=1e-5)
-    lora = LoraConfig(enabled=args.lora)
-
-    def build() -> torch.nn.Module:
-        model = models.load_model(args.model, "fp32")
-        return models.apply_lora(model, lora) if args.lora else model
-
-    runs = {}
-    for name in names:
-        engine = Engine(build, train, args.ds_config, "fp32", total_steps)
-        defense = build_defense({"name": name}, "", total_steps)
-        defense.attach(engine)
-        engine.add_pre_step_hook(defense.before_step)
-        vocab = engine.module.config.vocab_size
-        streams = {s: SyntheticStream(vocab, args.mbs, args.seq, seed=i + 100 * engine.rank)
-                   for i, s in enumerate(("main", "align", "harmful"))}
-        runs[name] = {"engine": engine, "defense": defense, "streams": streams, "times": [], "step": 0}
-
-    for _ in range(args.rounds):
-        for name in names:
-            run = runs[name]
-            engine, defense = run["engine"], run["defense"]
-            for i in range(args.steps + 1):  # the first step of a round warms caches up
-                t0 = time.perf_counter()
-                batch = engine.to_device(defense.next_batch(run["streams"], run["step"]))
-                loss = defense.loss(engine, batch)
-                engine.backward(loss)
-                engine.step()
-                run["step"] += 1
-                defense.after_step(engine, run["step"])
-                if i:
-                    run["times"].append(time.perf_counter() - t0)
-
-    rank = runs[names[0]]["engine"].rank
-    world = runs[names[0]]["engine"].world_size
-    base = statistics.median(runs[names[0]]["times"])
-    trainable_bytes = sum(
-        getattr(p, "ds_numel", p.numel()) * 4 for _, p in runs[names[0]]["engine"].trainable_parameters()
-    )
-    rows = []
-    for name in names:
-        median = statistics.median(runs[name]["times"])
-        rows.append({
-            "defense": name, "step_s": median, "ratio_vs_first": median / base,
-            "state_bytes_per_rank": tensor_bytes(runs[name]["defense"].state_dict()),
-        })
-    result = {
-        "model": args.model, "world_size": world, "micro_batch": args.mbs, "seq": args.seq, "lora": args.lora,
-        "ds_config": args.ds_config, "trainable_bytes": trainable_bytes,
-        "trainable_bytes_per_rank": trainable_bytes / world, "peak_mem_bytes": peak_memory_bytes(),
-        "threads": torch.get_num_threads(), "rows": rows,
-    }
-    if rank == 0:
-        print(f"\nmodel {args.model}, world size {world}, micro batch {args.mbs} x {args.seq} tokens, "
-              f"{args.ds_config}, trainable {trainable_bytes / 2**20:.1f} MiB "
-              f"({trainable_bytes / world / 2**20:.1f} MiB per rank)")
-        print("| defense | s/step (median) | ratio vs " + names[0] + " | state bytes per rank |")
-        print("|---|---|---|---|")
-        for row in rows:
-            print(f"| {row['defense']} | {row['step_s']:.3f} | {row['ratio_vs_first']:.2f} | "
-                  f"{row['state_bytes_per_rank']:,} |")
-        if args.out:
-            Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.isolate:
+        result = run_isolated(args)
+    else:
+        result = run_in_process(args)
+        if result["rank"] != 0:
+            return
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print_table(result)
 
 
 if __name__ == "__main__":

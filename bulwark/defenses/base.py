@@ -87,6 +87,11 @@ class TrainingView(Protocol):
         """Forwards inside the block read `shards` as the trainable weights; restored bit for bit afterwards."""
         ...
 
+    def extra_pass(self, kind: str = "extra") -> AbstractContextManager:
+        """Wrap each extra (non-stepping) pass through `module`: under ZeRO-3 every `kind` of pass keeps
+        its own parameter-prefetch trace, so it and the stepping pass stop invalidating each other's."""
+        ...
+
 
 ShardIter = Iterator[tuple[int, torch.Tensor]]
 

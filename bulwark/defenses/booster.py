@@ -136,6 +136,7 @@ class Booster(Defense):
 class BoosterVaccineConfig(BoosterConfig):
     rho: float = 5.0  # Vaccine's perturbation radius on the alignment pass (reference smooth_align_perturb.sh)
     layers: str = "attention"  # the blocks Vaccine perturbs: attention outputs (reference) or decoder layers
+    own_trace: bool = True  # ZeRO-3: Vaccine's pass 1 keeps its own prefetch trace (see vaccine.py)
 
 
 @register
@@ -176,7 +177,7 @@ class BoosterVaccine(Booster):
 
         indices = list(range(len(self.hooks)))
         self.hooks.offsets, self._vaccine_norm = adversarial_offsets(
-            engine, self.hooks, batch, self.config.rho, indices
+            engine, self.hooks, batch, self.config.rho, indices, self.config.own_trace
         )
         return engine.forward_loss(batch)  # kept armed through this micro-batch's backward
 

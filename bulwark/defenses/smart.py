@@ -52,7 +52,7 @@ updated in place after each optimizer step; it and the noise generator go into t
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +61,7 @@ import torch.nn.functional as F
 
 from bulwark.defenses.base import Defense, TrainingView, register
 from bulwark.errors import BulwarkInputError
-from bulwark.losses import causal_lm_loss
+from bulwark.losses import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 LAYOUT_ERROR = ("SMART: the optimizer's flat shards are not the trainable weights in order (the ZeRO-1/2 "
@@ -79,14 +79,36 @@ class SmartConfig:
     ascent_steps: int = 1  # K (mt-dnn adv_k)
     projection: str = "ball"  # "ball": clip δ to the ε ball (paper); "unit": mt-dnn's rescaling to ∞-norm 1
     seed: int = 0  # noise generator seed; rank r draws from its own stream
+    # ZeRO-3: the EMA and ascent passes each keep their own parameter-prefetch trace (faster; may hold
+    # up to a prefetch bucket more gathered: docs/DEFENSES.md); false shares the stepping pass's trace
+    own_trace: bool = True
 
 
 def sym_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over tokens with mask 1 of KL(p||q) + KL(q||p), in fp32; logits are (batch, tokens, vocab)."""
-    log_p = F.log_softmax(p_logits.float(), dim=-1)
-    log_q = F.log_softmax(q_logits.float(), dim=-1)
+    return sym_kl_of(Distribution(p_logits), Distribution(q_logits), mask)
+
+
+class Distribution:
+    """log-probabilities and probabilities of one set of logits, computed once and shared by every
+    SymKL and the CE that read them (a vocabulary-sized softmax is a large part of a small model's step)."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+        self.log = F.log_softmax(logits.float(), dim=-1)
+        self.prob = self.log.exp()
+
+
+def shifted_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`bulwark.losses.causal_lm_loss` from log-probabilities already computed (cross entropy is the NLL
+    of log_softmax): shift by one, ignore -100, mean over labelled tokens."""
+    shifted = log_probs[:, :-1, :]
+    return F.nll_loss(shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+
+
+def sym_kl_of(p: Distribution, q: Distribution, mask: torch.Tensor) -> torch.Tensor:
     # KL(p||q) + KL(q||p) = sum_v (p_v - q_v)(log p_v - log q_v)
-    per_token = ((log_p.exp() - log_q.exp()) * (log_p - log_q)).sum(-1)
+    per_token = ((p.prob - q.prob) * (p.log - q.log)).sum(-1)
     weights = mask.to(per_token.dtype)
     return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -165,7 +187,10 @@ class Smart(Defense):
         cfg = self.config
         ids, mask = batch["input_ids"], batch["attention_mask"]
         rows = ids.size(0)
-        ema_logits = self._ema_logits(engine, batch) if cfg.mu > 0 else None
+        ema = None
+        if cfg.mu > 0:
+            with torch.no_grad():
+                ema = Distribution(self._ema_logits(engine, batch))
         if cfg.lambda_s > 0:
             stacked = {"input_ids": torch.cat([ids, ids]), "attention_mask": torch.cat([mask, mask])}
             delta = self._adversarial_delta(engine, stacked, rows)
@@ -173,19 +198,22 @@ class Smart(Defense):
                 logits = engine.forward_logits(stacked)
         else:
             logits = engine.forward_logits({"input_ids": ids, "attention_mask": mask})
-        clean = logits[:rows]
-        ce = causal_lm_loss(clean, batch["labels"])
+        clean = Distribution(logits[:rows])
+        ce = shifted_nll(clean.log, batch["labels"])
         total = ce
         self._last = {"smart_ce": ce.item()}
         if cfg.lambda_s > 0:
-            smooth = sym_kl(clean, logits[rows:], mask)
+            smooth = sym_kl_of(clean, Distribution(logits[rows:]), mask)
             total = total + cfg.lambda_s * smooth
             self._last["smart_smooth"] = smooth.item()
-        if ema_logits is not None:
-            breg = sym_kl(clean, ema_logits, mask)
+        if ema is not None:
+            breg = sym_kl_of(clean, ema, mask)
             total = total + cfg.mu * breg
             self._last["smart_breg"] = breg.item()
         return total
+
+    def _pass(self, engine: TrainingView, kind: str) -> AbstractContextManager:
+        return engine.extra_pass(kind) if self.config.own_trace else nullcontext()
 
     def _adversarial_delta(self, engine: TrainingView, stacked: Batch, rows: int) -> torch.Tensor:
         """δ after K projected ascent steps on SymKL(f(x) fixed, f(x + δ)); pad tokens stay unperturbed."""
@@ -199,14 +227,15 @@ class Smart(Defense):
         clean = None
         for _ in range(cfg.ascent_steps):
             delta = delta.detach().requires_grad_(True)
-            if clean is None:  # first step: clean and perturbed rows in one pass
-                with self._perturbed(torch.cat([torch.zeros_like(delta), delta])):
-                    logits = engine.module(**stacked).logits
-                clean, perturbed = logits[:rows].detach(), logits[rows:]
-            else:
-                with self._perturbed(delta):
-                    perturbed = engine.module(input_ids=stacked["input_ids"][:rows], attention_mask=mask).logits
-            (grad,) = torch.autograd.grad(sym_kl(clean, perturbed, mask), delta)
+            with self._pass(engine, "smart-ascent"):
+                if clean is None:  # first step: clean and perturbed rows in one pass
+                    with self._perturbed(torch.cat([torch.zeros_like(delta), delta])):
+                        logits = engine.module(**stacked).logits
+                    clean, perturbed = Distribution(logits[:rows].detach()), logits[rows:]
+                else:
+                    with self._perturbed(delta):
+                        perturbed = engine.module(input_ids=stacked["input_ids"][:rows], attention_mask=mask).logits
+                (grad,) = torch.autograd.grad(sym_kl_of(clean, Distribution(perturbed), mask), delta)
             delta = project_step(delta.detach(), grad, cfg.step_size, cfg.epsilon, cfg.projection) * keep
         return delta.detach()
 
@@ -214,7 +243,7 @@ class Smart(Defense):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         with torch.no_grad():
             if self._partitioned:
-                with engine.swapped_weights(self.ema):
+                with engine.swapped_weights(self.ema), self._pass(engine, "smart-ema"):
                     return engine.module(**inputs).logits
             if self._full_ema is None:
                 self._full_ema = {name: value.to(p.dtype) for (name, p), value in

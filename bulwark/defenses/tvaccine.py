@@ -64,6 +64,7 @@ class TVaccineConfig:
     layers: str = "attention"  # attention | decoder: which output of each decoder layer is perturbed
     freeze: str = "lora"  # lora | all | none: which parameters of unselected layers get zero gradient
     seed: int = 0  # layer-sampling generator seed, the same on every rank
+    own_trace: bool = True  # ZeRO-3: the probe and pass 1 each keep their own prefetch trace (see vaccine.py)
 
 
 def sample_layers(norms: torch.Tensor, n: int, generator: torch.Generator) -> list[int]:
@@ -160,7 +161,7 @@ class TVaccine(Defense):
             self._select(self._draw(engine, batch["input_ids"].device))
             self.last_sample = self._step
         self.hooks.offsets, self._grad_norm = adversarial_offsets(
-            engine, self.hooks, batch, self.config.rho, self.selected
+            engine, self.hooks, batch, self.config.rho, self.selected, self.config.own_trace
         )
         return engine.forward_loss(batch)
 
@@ -172,7 +173,7 @@ class TVaccine(Defense):
     def _probe(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
         """s_l = ||∂h/∂h_l|| over the global harmful batch (h = mean over ranks of their losses)."""
         indices = list(range(len(self.hooks)))
-        with extra_pass(engine):
+        with extra_pass(engine, "t-vaccine-probe", self.config.own_trace):
             grads = self.hooks.hidden_grads(lambda: model_loss(engine.module, batch), indices)
         sq = torch.stack([grads[i].float().pow(2).sum() for i in indices])
         sq = engine.all_reduce_sum(sq)

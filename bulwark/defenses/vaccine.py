@@ -63,6 +63,9 @@ NORM_EPS = 1e-7  # the reference's guard in rho / (||g|| + eps)
 class VaccineConfig:
     rho: float = 2.0  # radius of the hidden-state perturbation (reference README: intensity 2)
     layers: str = "attention"  # attention: each decoder layer's attention output; decoder: the layer output
+    # ZeRO-3: pass 1 keeps its own parameter-prefetch trace (faster; may hold up to one prefetch
+    # bucket more gathered: docs/DEFENSES.md); false shares the stepping pass's trace
+    own_trace: bool = True
 
 
 @dataclass
@@ -155,30 +158,30 @@ class BlockHooks:
             handle.remove()
 
 
-def extra_pass(engine: TrainingView) -> AbstractContextManager:
-    """`engine.extra_pass()` where the engine offers it, else nothing.
+def extra_pass(engine: TrainingView, kind: str, own_trace: bool) -> AbstractContextManager:
+    """`engine.extra_pass(kind)` unless `own_trace` is off (`defense.own_trace=false`).
 
-    Under ZeRO-3 the parameter prefetch follows a trace of module calls recorded from one forward start
-    to the next. Pass 1 (forward + a backward that stops at the lowest perturbed block) and pass 2
-    (forward + full backward) differ, so with one trace it is invalidated every pass and every
-    parameter is fetched on demand, one module at a time (measured, tiny model, 2 ranks: Vaccine
-    2.1-2.4x SFT; ~1.7x when extra passes keep their own trace, which an engine method can give them).
+    Under ZeRO-3 the parameter prefetch replays the module order recorded between two forwards.
+    Pass 1 (forward + a backward that stops at the lowest perturbed block) and pass 2 (forward + full
+    backward) differ, so with one trace it is invalidated every pass and every parameter is fetched
+    on demand, one module at a time (measured, tiny model, 2 ranks: Vaccine 2.1-2.4x SFT with one
+    trace; see docs/BENCHMARKS.md for the figure with one trace per kind of pass).
     """
-    method = getattr(engine, "extra_pass", None)
-    return method() if method is not None else nullcontext()
+    return engine.extra_pass(kind) if own_trace else nullcontext()
 
 
 def adversarial_offsets(
-    engine: TrainingView, hooks: BlockHooks, batch: Batch, rho: float, indices: list[int]
+    engine: TrainingView, hooks: BlockHooks, batch: Batch, rho: float, indices: list[int], own_trace: bool = True
 ) -> tuple[dict[int, torch.Tensor], float]:
     """Pass 1: e_l = rho g_l / (||g|| + 1e-7) for l in `indices`, ||g|| all-reduced over ranks.
 
     Returns the offsets (in the activations' dtype) and ||g||. Runs through `engine.module`, never
-    the engine's forward (DESIGN.md: multi-pass).
+    the engine's forward (DESIGN.md: multi-pass), with its own ZeRO-3 prefetch trace unless `own_trace`
+    is False.
     """
     if not indices or rho == 0:
         return {}, 0.0
-    with extra_pass(engine):
+    with extra_pass(engine, "vaccine", own_trace):
         grads = hooks.hidden_grads(lambda: model_loss(engine.module, batch), indices)
     sq = torch.zeros((), dtype=torch.float32, device=batch["input_ids"].device)
     for g in grads.values():
@@ -223,7 +226,9 @@ class Vaccine(Defense):
     def loss(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
         self.hooks.offsets = {}  # the previous micro-batch's, kept through its backward
         indices = list(range(len(self.hooks)))
-        self.hooks.offsets, self._grad_norm = adversarial_offsets(engine, self.hooks, batch, self.config.rho, indices)
+        self.hooks.offsets, self._grad_norm = adversarial_offsets(
+            engine, self.hooks, batch, self.config.rho, indices, self.config.own_trace
+        )
         return engine.forward_loss(batch)
 
     def after_step(self, engine: TrainingView, step: int) -> None:

@@ -147,6 +147,7 @@ class Engine:
         )
         self.module: torch.nn.Module = self.ds.module
         self._pre_step_fns: list[PreStepFn] = []
+        self._extra_coordinators: dict[str, Any] = {}
         self._shard_index = {id(shard): i for i, shard in enumerate(self.local_shards())}
         zero_optimizer = self.ds.optimizer
         for inner in (zero_optimizer.optimizer, getattr(zero_optimizer, "backup_optimizer", None)):
@@ -173,6 +174,40 @@ class Engine:
         import deepspeed
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+    def extra_pass(self, kind: str = "extra") -> AbstractContextManager:
+        """Inside the block, module calls use ZeRO-3 parameter prefetching of their own, one trace per `kind`.
+
+        ZeRO-3 prefetches parameters by replaying the module order it recorded between two starts of
+        the model's forward. A defense whose extra (non-stepping) pass runs a different order than the
+        stepping pass (Vaccine's pass 1 stops its backward at the lowest perturbed block; SMART's
+        ascent differentiates w.r.t. the input only) breaks that trace twice a step, and every
+        parameter is then fetched on demand, one module at a time. Here each kind of extra pass gets
+        its own DeepSpeed parameter coordinator (sharing the in-flight registry), so both traces
+        stay valid. Memory: parameters one coordinator prefetched and the pass never consumed stay
+        gathered until the stepping pass uses them or `step()` partitions everything (docs/DEFENSES.md).
+        A no-op under ZeRO-1/2, where weights are never partitioned.
+        """
+        offload = getattr(self.ds.optimizer, "parameter_offload", None) if self.zero_stage == 3 else None
+        if offload is None:
+            return nullcontext()
+        from collections.abc import Iterator
+        from contextlib import contextmanager
+
+        coordinator = self._extra_coordinators.get(kind)
+        if coordinator is None:
+            coordinator = self._extra_coordinators[kind] = _coordinator_like(offload)
+
+        @contextmanager
+        def swapped() -> Iterator[None]:
+            main = offload.param_coordinator
+            offload.param_coordinator = coordinator
+            try:
+                yield
+            finally:
+                offload.param_coordinator = main
+
+        return swapped()
 
     def add_pre_step_hook(self, fn: PreStepFn) -> None:
         self._pre_step_fns.append(fn)
@@ -419,6 +454,27 @@ class Engine:
         """Whether a backward has run since the last optimizer step (DeepSpeed then adds to the buffer)."""
         zero = self.ds.optimizer
         return zero.micro_step_id > 0 or bool(zero._epilogue_ran_this_backward)
+
+
+def _coordinator_like(offload: Any) -> Any:
+    """A fresh ZeRO-3 parameter coordinator with the settings of `offload`'s own."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
+
+    return PartitionedParameterCoordinator(
+        prefetch_bucket_sz=offload._prefetch_bucket_sz,
+        max_reuse_distance_in_numel=offload._max_reuse_distance_in_numel,
+        max_available_parameters_in_numel=offload._max_available_parameters_in_numel,
+        allgather_stream=offload._DeepSpeedZeRoOffload__allgather_stream,
+        inflight_param_registry=offload._DeepSpeedZeRoOffload__inflight_param_registry,
+        # NVMe partitions are prefetched by the main coordinator only (its swap buffers are not shared):
+        # an extra pass reads them on demand
+        prefetch_nvme=False,
+        timers=offload.timers,
+        zero_quantized_weights=offload.zero_quantized_weights,
+        zero_quantized_nontrainable_weights=offload.zero_quantized_nontrainable_weights,
+        fast_sharding_for_leaf_module=offload.fast_sharding_for_leaf_module,
+        log_trace_cache_warnings=False,
+    )
 
 
 def gather_for_edit(params: list[torch.nn.Parameter]) -> AbstractContextManager:

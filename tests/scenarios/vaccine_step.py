@@ -1,7 +1,7 @@
 """Run under torchrun: Vaccine / vaccine-random / T-Vaccine on a tiny Llama with SGD, several cases in turn.
 
 argv: out_dir cases_json. Each case (a JSON object) names: name, model_dir, defense, config, lora,
-grad_accum, mbs, steps, ragged, snapshots, and optionally extra_pass (use `ExtraPassEngine`). One process start serves all cases (each builds its own
+grad_accum, mbs, steps, ragged, snapshots. One process start serves all cases (each builds its own
 engine), which keeps the multi-process tests fast.
 
 Every rank writes `out_dir/<name>.rank{r}.json`: per step its micro-batches, the harmful batch a probe
@@ -12,8 +12,6 @@ Rank 0 writes `out_dir/<name>.states.pt`: the full weights before the first step
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,41 +24,6 @@ from bulwark.engine import Engine
 from bulwark.models import apply_lora, load_model
 
 LR = 0.5
-
-
-class ExtraPassEngine(Engine):
-    """The Engine plus the method Vaccine-style defenses ask of it (a reference for the engine owner):
-    extra passes get their own ZeRO-3 parameter coordinator, so that neither they nor the stepping
-    pass invalidate the other's prefetch trace."""
-
-    @contextmanager
-    def extra_pass(self) -> Iterator[None]:
-        offload = getattr(self.ds.optimizer, "parameter_offload", None)
-        if offload is None:  # ZeRO-1/2: no parameter fetching to coordinate
-            yield
-            return
-        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
-        main = offload.param_coordinator
-        if not hasattr(self, "_extra_coordinator"):
-            self._extra_coordinator = PartitionedParameterCoordinator(
-                prefetch_bucket_sz=offload._prefetch_bucket_sz,
-                max_reuse_distance_in_numel=offload._max_reuse_distance_in_numel,
-                max_available_parameters_in_numel=offload._max_available_parameters_in_numel,
-                allgather_stream=offload._DeepSpeedZeRoOffload__allgather_stream,
-                inflight_param_registry=offload._DeepSpeedZeRoOffload__inflight_param_registry,
-                prefetch_nvme=False,
-                timers=offload.timers,
-                zero_quantized_weights=offload.zero_quantized_weights,
-                zero_quantized_nontrainable_weights=offload.zero_quantized_nontrainable_weights,
-                fast_sharding_for_leaf_module=offload.fast_sharding_for_leaf_module,
-                log_trace_cache_warnings=False,
-            )
-        offload.param_coordinator = self._extra_coordinator
-        try:
-            yield
-        finally:
-            offload.param_coordinator = main
 
 
 def rows_for(seed: int, index: int, rank: int, count: int, vocab: int, ragged: bool) -> list[dict]:
@@ -120,8 +83,7 @@ def run_case(case: dict, out_dir: Path) -> None:
 
     train = TrainConfig(steps=case["steps"], micro_batch_size=case["mbs"], grad_accum=case["grad_accum"], lr=LR,
                         optimizer="sgd", max_grad_norm=0.0)
-    cls = ExtraPassEngine if case.get("extra_pass") and not hasattr(Engine, "extra_pass") else Engine
-    engine = cls(build, train, "zero3", "fp32", train.steps)
+    engine = Engine(build, train, "zero3", "fp32", train.steps)
     defense = build_defense({"name": case["defense"], **case["config"]}, "align", train.steps)
     defense.attach(engine)
     engine.add_pre_step_hook(defense.before_step)
