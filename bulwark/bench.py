@@ -259,15 +259,22 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> None:
 
 
 # The demo: measured on a 2-core CPU (see docs/BENCHMARKS.md for the figures and the wall time).
+# One rank, so ZeRO-2: at world size 1 ZeRO-3 partitions nothing and its per-layer gather/release
+# costs 1.5x the step (SmolLM2, 4 x 128 tokens: 6.7 s vs 4.4 s); every defense's ZeRO-3 path is
+# tested at 2 ranks (tests/), and `launch.ds_config=zero3` gives the same run on ZeRO-3.
+# Alignment mixes benign Alpaca answers 1:1 into the refusals: refusals alone made SmolLM2 refuse
+# 80% of benign AlpacaEval prompts.
 DEMO = {
     "model": "embedded",
     "align_defenses": ["sft"],
     "finetune_defenses": ["sft", "lisa"],
     "ps": [0.1],
-    "align": {"data": {"align_n": 320, "max_length": 128}, "train": {"steps": 40, "micro_batch_size": 4,
-                                                                        "grad_accum": 2, "lr": 5e-5}},
+    "align": {"data": {"align_n": 200, "align_benign_n": 200, "max_length": 128},
+              "train": {"steps": 40, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-5},
+              "launch": {"ds_config": "zero2"}},
     "finetune": {"data": {"n": 240, "align_n": 240, "max_length": 128},
-                 "train": {"steps": 30, "micro_batch_size": 4, "grad_accum": 2, "lr": 2e-5}},
+                 "train": {"steps": 30, "micro_batch_size": 4, "grad_accum": 2, "lr": 2e-5},
+                 "launch": {"ds_config": "zero2"}},
     "defense_overrides": {"lisa": {"align_steps": 3, "finetune_steps": 7, "rho": 1.0}},
     "eval": {"n_prompts": 60, "n_benign": 30, "task": "sst2", "n_task": 100, "max_new_tokens": 48},
 }

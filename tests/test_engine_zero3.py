@@ -83,10 +83,13 @@ def test_sft_step_two_ranks_equals_plain_pytorch(
     assert [r["step"] for r in rows] == [1]
 
 
-@pytest.mark.parametrize("grad_accum", [1, 2])
-def test_lisa_shard_update_switches_and_anchor_size(tmp_path: Path, tiny_model_dir: Path, grad_accum: int) -> None:
+@pytest.mark.parametrize(("grad_accum", "ds_config"), [(1, "zero3"), (2, "zero3"), (2, "zero2")])
+def test_lisa_shard_update_switches_and_anchor_size(
+    tmp_path: Path, tiny_model_dir: Path, grad_accum: int, ds_config: str
+) -> None:
     out = tmp_path / "lisa"
-    check(torchrun([str(SCENARIOS / "lisa_shards.py"), str(tiny_model_dir), str(out), str(grad_accum), "2", "3", "7"]))
+    check(torchrun([str(SCENARIOS / "lisa_shards.py"), str(tiny_model_dir), str(out), str(grad_accum), "2", "3", "7",
+                    ds_config]))
     ranks = [json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)]
     for result in ranks:
         states = [row["state"] for row in result["log"]]

@@ -1,4 +1,5 @@
-"""Run under torchrun: Lisa on a tiny Llama under ZeRO-3 with SGD, checking every rank's shard update.
+"""Run under torchrun: Lisa on a tiny Llama under ZeRO-3 (or argv[7], e.g. zero2) with SGD, checking
+every rank's shard update.
 
 Writes one JSON per rank: per step the state, the max error of w' = w - lr (g + rho (w - anchor)) on
 this rank's shard, stream positions, anchor sizes, and the live loss on a fixed batch after export.
@@ -29,11 +30,12 @@ def features(n: int, seed: int, vocab: int) -> list[dict]:
 
 def main() -> None:
     model_dir, out, grad_accum, align_steps, finetune_steps, steps = sys.argv[1:7]
+    ds_config = sys.argv[7] if len(sys.argv) > 7 else "zero3"
     grad_accum, steps = int(grad_accum), int(steps)
     lr, rho = 0.5, 0.5
     train = TrainConfig(steps=steps, micro_batch_size=2, grad_accum=grad_accum, lr=lr, optimizer="sgd",
                         max_grad_norm=0.0)
-    engine = Engine(lambda: load_model(model_dir, "fp32"), train, "zero3", "fp32", steps)
+    engine = Engine(lambda: load_model(model_dir, "fp32"), train, ds_config, "fp32", steps)
     lisa = Lisa(LisaConfig(align_steps=int(align_steps), finetune_steps=int(finetune_steps), rho=rho,
                            proximal_warmup=0.0), steps)
     lisa.attach(engine)
