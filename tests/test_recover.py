@@ -231,6 +231,7 @@ def test_two_ranks_restore_the_same_elements_as_one_process(models_dir: Path, da
         torch.set_num_threads(threads)
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two["world_size"] == 2 and summary["world_size"] == 1
+    assert two["zero3"] and not summary["zero3"]  # 2 ranks: W partitioned (launch.zero3=auto); 1: plain
     assert two["changed_elements"] == summary["changed_elements"] == 4 * summary["k_per_step"]
     one_model = TensorStore(tmp_path / "one" / "model", "one")
     two_model = TensorStore(tmp_path / "two" / "model", "two")
@@ -250,6 +251,44 @@ def test_two_ranks_restore_the_same_elements_as_one_process(models_dir: Path, da
     assert len(steps) == 4 and all(sum(r["restored"].values()) == r["restored_total"] for r in steps)
     assert (tmp_path / "one" / "model" / "config.json").is_file() and (tmp_path / "one" / "config.yaml").is_file()
     assert not (tmp_path / "one" / "model.tmp").exists()
+
+
+def test_zero3_partitioned_model_matches_plain(models_dir: Path, tmp_path: Path) -> None:
+    """What recover does with a partitioned W (2 gloo ranks, stage3_param_persistence_threshold 0) equals
+    plain PyTorch: every weight really split, a forward gathering one module at a time, an in-slice edit,
+    uneven generation shares, and the layer-by-layer hidden state with a rank that has no batch."""
+    from bulwark.eval.generate import generate
+    from bulwark.models import load_tokenizer
+
+    scenario = Path(__file__).parent / "scenarios" / "recover_zero3.py"
+    check(torchrun([str(scenario), str(models_dir / "B"), str(tmp_path)], 2))
+    plain = load_model(str(models_dir / "B")).eval()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for name, p in plain.named_parameters():
+        for r in ranks:
+            whole, local, numel = r["held"][name]
+            assert whole == 0 and local == math.ceil(p.numel() / 2) and numel == p.numel(), (name, r["held"][name])
+
+    ids = torch.arange(3, 3 + 2 * 9).view(2, 9) % 200
+    with torch.no_grad():
+        expected = plain(input_ids=ids).logits
+        hidden = plain(input_ids=torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]]), attention_mask=torch.tensor(
+            [[1, 1, 1, 1], [1, 1, 1, 0]]), output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(torch.load(tmp_path / "logits.pt"), expected, rtol=1e-5, atol=1e-5)
+    mean = (hidden[0, 3].double() + hidden[1, 2].double()) / 2
+    assert torch.allclose(torch.load(tmp_path / "hidden.pt"), mean, rtol=1e-5, atol=1e-6)
+
+    edited = torch.load(tmp_path / "edited.pt")
+    want = plain.get_parameter(edited["name"]).detach().clone().flatten()
+    want[edited["index"]] = torch.tensor([1.5, -2.5, 3.5, -4.5])
+    assert torch.equal(edited["value"].flatten(), want)
+
+    tokenizer = load_tokenizer(str(models_dir / "B"))
+    tokenizer.padding_side = "left"
+    got = {**ranks[0]["outputs"], **ranks[1]["outputs"]}
+    prompts, budgets = ["hello there", "a b c d e f g", "one two"], {0: 3, 2: 6, 1: 3}
+    for i, prompt in enumerate(prompts):
+        assert got[str(i)] == generate(plain, tokenizer, [prompt], budgets[i], batch_size=1)[0], i
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------

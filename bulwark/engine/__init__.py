@@ -1,5 +1,6 @@
 """The only package that imports DeepSpeed (see DESIGN.md: OpenRLHF-style single owner)."""
 
+from bulwark.engine import partitioned  # noqa: F401  (ZeRO-3 without a training engine: bulwark recover)
 from bulwark.engine.core import (
     Engine,
     fill_ds_config,

@@ -81,6 +81,9 @@ class SafeLoraConfig:
 class RecoverLaunch:
     nproc: int = 1  # ranks when bulwark starts torchrun itself
     master_port: int = 0  # 0 = pick a free port
+    zero3: str = "auto"  # auto: partition the model with ZeRO-3 when there are several ranks | true | false
+    ds_config: str = "zero3"  # the ZeRO-3 settings (a name in ds_configs/ or a JSON path); only its
+    #                           zero_optimization and bf16 sections matter: recover takes no optimizer step
 
 
 @dataclass
@@ -137,10 +140,18 @@ def validate(cfg: RecoverConfig) -> None:
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1"),
         (0.0 <= cfg.safelora.threshold <= 1.0, f"safelora.threshold = {cfg.safelora.threshold} must be in [0, 1]"),
         (cfg.launch.nproc >= 1, f"launch.nproc = {cfg.launch.nproc} must be at least 1"),
+        (str(cfg.launch.zero3).lower() in ("auto", "true", "false"),
+         f"launch.zero3 = {cfg.launch.zero3!r}: choose auto, true or false"),
     ]
     for ok, message in checks:
         if not ok:
             raise BulwarkInputError(message)
+
+
+def use_zero3(cfg: RecoverConfig, world_size: int) -> bool:
+    """Partition the repaired model with ZeRO-3? auto: yes when there are several ranks."""
+    choice = str(cfg.launch.zero3).lower()
+    return world_size > 1 if choice == "auto" else choice == "true"
 
 
 def write_recover_config(cfg: RecoverConfig, path: Path) -> None:

@@ -9,8 +9,11 @@ Both are computed here layer by layer:
 - backward: from layer L-1 down to the lowest layer whose weights are wanted, each layer is run again
   from its kept input and backpropagated on its own (layer-level activation checkpointing).
 
-Each layer runs inside `bulwark.engine.gather_for_edit(layer params)`: a no-op for plain parameters and
-a whole-layer gather for ZeRO-3 partitioned ones, so no step ever needs more than one layer whole.
+Each layer runs inside `bulwark.engine.partitioned.gathered(layer params)`: a no-op for plain parameters
+and a whole-layer, read-only gather for ZeRO-3 partitioned ones, so no step ever needs more than one layer
+whole (the embeddings and the other weights outside the decoder layers are gathered together, once per
+forward). Forward and backward loop over layers outside and batches inside: one gather per layer and step,
+and every rank gathers the same layers in the same order whatever its number of batches.
 
 Prompts are right-padded (a causal model's real tokens never see the padding after them, and positions
 stay those of the unpadded prompt); the last real token of each row is read at `Batch.last`.
@@ -26,7 +29,8 @@ from typing import Any
 
 import torch
 
-from bulwark.engine import all_reduce_sum, gather_for_edit
+from bulwark.engine import all_reduce_sum
+from bulwark.engine.partitioned import gathered
 
 
 @dataclass
@@ -106,7 +110,9 @@ class LayerwiseModel:
     # ---- forward ---------------------------------------------------------------------------------
 
     def _layer_inputs(self, batch: Batch) -> tuple[torch.Tensor, tuple, dict[str, Any]]:
-        """Run the model up to its first decoder layer: (hidden states, other args, kwargs) of that call."""
+        """Run the model up to its first decoder layer: (hidden states, other args, kwargs) of that call.
+
+        The caller gathers the parameters outside the decoder layers (embeddings) around it."""
         captured: dict[str, Any] = {}
 
         def hook(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
@@ -115,8 +121,7 @@ class LayerwiseModel:
 
         handle = self.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            with gather_for_edit(self.outer_params):
-                self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+            self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -131,28 +136,31 @@ class LayerwiseModel:
         return out[0] if isinstance(out, tuple) else out
 
     @torch.no_grad()
-    def forward(self, batch: Batch) -> tuple[_Pass, torch.Tensor]:
-        """(the pass, kept for a backward; the last-token hidden states after layer L, [rows, hidden])."""
-        hidden, args, kwargs = self._layer_inputs(batch)
-        p = _Pass(batch, {}, args, kwargs)
+    def forward(self, batches: list[Batch]) -> tuple[list[_Pass], list[torch.Tensor]]:
+        """(one pass per batch, kept for a backward; each batch's last-token hidden states after layer L).
+
+        Layer by layer over all batches: each layer is gathered once, and a rank with fewer (or no)
+        batches gathers exactly what the others do (gathers are collectives under ZeRO-3).
+        """
+        with gathered(self.outer_params):
+            starts = [self._layer_inputs(batch) for batch in batches]
+        passes = [_Pass(batch, {}, args, kwargs) for batch, (_, args, kwargs) in zip(batches, starts, strict=True)]
+        hiddens = [hidden for hidden, _, _ in starts]
         for i in range(self.layer):
-            if i >= self.lowest:
-                p.inputs[i] = hidden
-            with gather_for_edit(list(self.layers[i].parameters())):
-                hidden = self._run_layer(i, hidden, p)
-        rows = torch.arange(hidden.shape[0])
-        return p, hidden[rows, batch.last]
+            with gathered(list(self.layers[i].parameters())):
+                for j, p in enumerate(passes):
+                    if i >= self.lowest:
+                        p.inputs[i] = hiddens[j]
+                    hiddens[j] = self._run_layer(i, hiddens[j], p)
+        lasts = [h[torch.arange(h.shape[0]), p.batch.last] for h, p in zip(hiddens, passes, strict=True)]
+        return passes, lasts
 
     def mean_last_hidden(self, batches: list[Batch], total_rows: int) -> tuple[list[_Pass], torch.Tensor]:
         """This rank's passes and the mean last-token hidden state over every rank's batches (float64)."""
-        passes, total = [], None
-        for batch in batches:
-            p, last = self.forward(batch)
-            passes.append(p)
-            part = last.double().sum(dim=0)
-            total = part if total is None else total + part
-        if total is None:  # this rank got no batch
-            total = torch.zeros(self._hidden_size(), dtype=torch.float64)
+        passes, lasts = self.forward(batches)
+        total = torch.zeros(self._hidden_size(), dtype=torch.float64)
+        for last in lasts:  # batch by batch, in batch order
+            total += last.double().sum(dim=0)
         return passes, all_reduce_sum(total) / total_rows
 
     def _hidden_size(self) -> int:
@@ -172,8 +180,8 @@ class LayerwiseModel:
         for i in reversed(range(self.lowest, self.layer)):
             params = list(self.layers[i].parameters())
             names = wanted.get(i, [])
-            sums = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in names}
-            with gather_for_edit(params), torch.enable_grad():
+            with gathered(params), torch.enable_grad():
+                sums = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in names}  # whole shapes here
                 for j, p in enumerate(passes):
                     hidden_in = p.inputs[i].detach().requires_grad_(True)
                     out = self._run_layer(i, hidden_in, p)

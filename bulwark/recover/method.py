@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from bulwark.engine import all_reduce_sum, broadcast_object, gather_for_edit
+from bulwark.engine import all_reduce_sum, broadcast_object
+from bulwark.engine.partitioned import full_numel, set_elements
 from bulwark.errors import BulwarkInputError
 from bulwark.recover.checkpoints import TensorStore
 from bulwark.recover.config import RestoreConfig
@@ -120,6 +121,8 @@ class Owned:
     param: torch.nn.Parameter
     a: torch.Tensor
     b: torch.Tensor
+    b_above_a: torch.Tensor  # bool; with b_below_a: sign(B - A), computed once
+    b_below_a: torch.Tensor
     grad: torch.Tensor  # float64, summed over the steps of the current run
     restored: torch.Tensor  # bool: W = A here
 
@@ -154,7 +157,7 @@ class Restorer:
         for i, name, p in chosen:
             self.by_layer.setdefault(i, []).append((name, p))
         self.owner = {name: j % self.world for j, name in enumerate(self.names)}
-        self.total = sum(p.numel() for p in self.params.values())
+        self.total = sum(full_numel(p) for p in self.params.values())
         self.k = max(1, math.ceil(cfg.fraction * self.total))
         for p in model.parameters():
             p.requires_grad_(False)
@@ -165,10 +168,11 @@ class Restorer:
             if self.owner[name] != self.rank:
                 continue
             a, b = aligned.get(name).float().flatten(), finetuned.get(name).float().flatten()
-            if a.numel() != self.params[name].numel():
+            if a.numel() != full_numel(self.params[name]):
                 raise ValueError(f"{name}: {a.numel()} elements in the aligned model, model has "
-                                 f"{self.params[name].numel()}")
-            self.owned[name] = Owned(self.params[name], a, b, torch.zeros(a.numel(), dtype=torch.float64),
+                                 f"{full_numel(self.params[name])}")
+            self.owned[name] = Owned(self.params[name], a, b, b > a, b < a,
+                                     torch.zeros(a.numel(), dtype=torch.float64),
                                      torch.zeros(a.numel(), dtype=torch.bool))
 
     # ---- gradients ---------------------------------------------------------------------------------
@@ -193,19 +197,35 @@ class Restorer:
 
     # ---- selection ---------------------------------------------------------------------------------
 
+    def _local_top(self, scores: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+        """The k largest candidate scores (>= 0) of this rank's weights, descending, ties kept.
+
+        Scores below the k-th best seen so far are dropped before they are merged, and merges wait until
+        4k values are pooled: most weights only cost one comparison pass (a running top-k over every
+        weight merged k + |weight| values per weight; on SmolLM2's 70.8 M weights that took 1.7 s a step).
+        """
+        pool: list[torch.Tensor] = []
+        pooled, floor = 0, 0.0
+        for name in self.names:
+            if name not in scores:
+                continue
+            kept = scores[name][scores[name] >= floor]  # >=: values tied with the k-th must all be offered
+            pool.append(kept)
+            pooled += kept.numel()
+            if pooled >= 4 * k:
+                best = torch.topk(torch.cat(pool), k).values
+                pool, pooled, floor = [best], k, float(best[-1])
+        merged = torch.cat(pool) if pool else torch.empty(0, dtype=torch.float64)
+        return torch.topk(merged, min(k, merged.numel())).values
+
     def top_k(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
         """The k largest scores over every rank's owned weights (score < 0: not a candidate).
 
         Exact and rank-independent: ties with the k-th value go to the earliest weight, then element.
         Returns {owned name: flat indices}.
         """
-        best, n_local = torch.empty(0, dtype=torch.float64), 0
-        for name in self.names:  # a running top-k: memory stays at k + one weight
-            if name in scores:
-                candidates = scores[name][scores[name] >= 0]
-                n_local += candidates.numel()
-                merged = torch.cat([best, candidates])
-                best = torch.topk(merged, min(k, merged.numel())).values
+        best = self._local_top(scores, k)
+        n_local = sum(int((s >= 0).sum()) for s in scores.values())
         offered = torch.full((k,), -1.0, dtype=torch.float64)
         offered[: best.numel()] = best
         n_candidates = all_reduce_sum(torch.tensor([float(n_local)], dtype=torch.float64))
@@ -254,9 +274,7 @@ class Restorer:
             counts[name] = int(idx.numel())
             if idx.numel() == 0:
                 continue
-            param = self.params[name]
-            with gather_for_edit([param]), torch.no_grad():
-                param.data.view(-1)[idx] = values.to(param.dtype)
+            set_elements(self.params[name], idx, values)
         return counts
 
     def restore_step(self, harmful: list[Batch], d_harm: torch.Tensor) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
@@ -264,9 +282,10 @@ class Restorer:
         scores = {}
         for name, own in self.owned.items():
             own.grad += grads[name]
-            diff = torch.where(own.restored, torch.zeros_like(own.a), own.b - own.a)  # W - A
-            agree = (torch.sign(diff) == torch.sign(own.grad)) & (diff != 0)
-            scores[name] = torch.where(agree, own.grad.abs(), torch.full_like(own.grad, -1.0))
+            # sign(W - A) == sign(G), both nonzero; W - A is B - A where not restored, 0 where restored
+            agree = (own.b_above_a & (own.grad > 0)) | (own.b_below_a & (own.grad < 0))
+            agree &= ~own.restored
+            scores[name] = torch.where(agree, own.grad.abs(), -1.0)
         picked = self.top_k(scores, self.k)
         return cos, picked, self._apply(picked, to_a=True)
 

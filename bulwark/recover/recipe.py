@@ -132,8 +132,15 @@ def launch_recover(config: str | None, overrides: list[str], overwrite: bool = F
     return subprocess.call(cmd, env=env)
 
 
-def _init_ranks() -> tuple[int, int]:
+def _init_ranks(cfg: RecoverConfig) -> tuple[int, int]:
+    from bulwark.recover.config import use_zero3
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.method == "restore" and use_zero3(cfg, world):
+        from bulwark.engine import init_distributed
+
+        rank, world, _ = init_distributed()  # through DeepSpeed: zero.Init reads its process group
+        return rank, world
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         from bulwark.engine.dist import shutdown
@@ -174,7 +181,7 @@ def run(cfg: RecoverConfig, inputs: Inputs, overwrite: bool, metric: Any = None)
     from bulwark.engine import barrier
 
     started = time.perf_counter()
-    rank, world = _init_ranks()
+    rank, world = _init_ranks(cfg)
     out = Path(cfg.out_dir)
     if rank == 0:
         if out.exists() and overwrite:
@@ -242,11 +249,31 @@ def _merged_finetuned(cfg: RecoverConfig, inputs: Inputs, out: Path, rank: int) 
 
 def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank: int, world: int,
              metric: Any) -> dict[str, Any] | None:
+    from bulwark.engine.partitioned import gathered_per_module, load_partitioned
     from bulwark.models import load_model, load_tokenizer
     from bulwark.recover.checkpoints import TensorStore, write_model
-    from bulwark.recover.hidden import LayerwiseModel, count_rows, local_batches
+    from bulwark.recover.config import use_zero3
+    from bulwark.recover.hidden import LayerwiseModel, count_rows, decoder_layers, local_batches
     from bulwark.recover.method import Restorer, chosen_weights
     from bulwark.recover.task import harm_metric, load_rows, prompt_batches, task_metric
+
+    zero3 = use_zero3(cfg, world)
+
+    def load(folder: Path) -> torch.nn.Module:
+        # ZeRO-3: each rank holds its slice of every weight; else a whole replica per rank
+        model = load_partitioned(folder, cfg.dtype, cfg.launch.ds_config) if zero3 else load_model(str(folder), cfg.dtype)
+        return model.eval()
+
+    def per_module(score: Any) -> Any:
+        # a whole-model forward or generate on a partitioned model gathers one module at a time
+        if score is None:
+            return None
+
+        def gathered_score(model: torch.nn.Module) -> float:
+            with gathered_per_module(model, decoder_layers(model)[1]):
+                return score(model)
+
+        return gathered_score
 
     finetuned = _merged_finetuned(cfg, inputs, out, rank)
     tokenizer = load_tokenizer(str(finetuned))
@@ -261,17 +288,17 @@ def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank:
     harm_score = harm_metric(cfg, tokenizer, inputs.data_dir)
 
     # d_harm: A's mean last-token hidden state after layer L on the recovery prompts
-    model_a = load_model(str(inputs.aligned), cfg.dtype).eval()
+    model_a = load(inputs.aligned)
     layer, lowest, _ = chosen_weights(model_a, cfg.restore)
     runner = LayerwiseModel(model_a, layer, lowest)
     _, d_harm = runner.mean_last_hidden(local_batches(harmful, rank, world), count_rows(harmful))
     del model_a, runner
 
-    model = load_model(str(finetuned), cfg.dtype).eval()
+    model = load(finetuned)
     restorer = Restorer(model, TensorStore(inputs.aligned, "aligned model"), TensorStore(finetuned, "fine-tuned model"),
                         cfg.restore, log)
     d_benign = restorer.direction(task)  # the same for B on the task prompts
-    result = restorer.run(harmful, task, d_harm, d_benign, metric, harm_score)
+    result = restorer.run(harmful, task, d_harm, d_benign, per_module(metric), per_module(harm_score))
 
     store_a = TensorStore(inputs.aligned, "aligned model")
     if rank == 0:
@@ -290,6 +317,7 @@ def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank:
             "rolled_back": result.rolled_back, "kept_step": result.kept_step, "changed_elements": changed,
             "weights_in_layers": restorer.total, "k_per_step": restorer.k, "layer": restorer.layer,
             "layers": [restorer.lowest, restorer.lowest + len(restorer.by_layer)],
+            "zero3": zero3,
             "checkpoints": result.checkpoints} if rank == 0 else None
 
 

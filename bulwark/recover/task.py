@@ -53,8 +53,21 @@ def render(rows: list[Example], tokenizer: Any, template: str) -> list[str]:
 
 
 def prompt_batches(rows: list[Example], tokenizer: Any, cfg: RecoverConfig) -> list[Batch]:
+    """Micro-batches of the rendered prompts, shortest first: prompts of similar length share a batch, so
+    little compute goes to padding (only means over all prompts are used, so their order does not matter)."""
     ids = [prompt_ids(tokenizer, text, cfg.data.max_length) for text in render(rows, tokenizer, cfg.data.template)]
+    ids.sort(key=len)
     return make_batches(ids, tokenizer.pad_token_id, cfg.restore.micro_batch_size)
+
+
+def rank_share(n: int) -> tuple[list[int], int]:
+    """(this rank's row indices r, r + world, ..., the number of rows every rank processes).
+
+    Every rank generates for the same number of prompts (the last ones padded with a repeat whose output
+    is dropped): on a ZeRO-3 partitioned model each forward is a collective, so ranks must run the same
+    number of generate calls (`generate` keeps them in step within a call once one finishes early)."""
+    rank, world = _world()
+    return list(range(rank, n, world)), math.ceil(n / world)
 
 
 # ---- the task metric ---------------------------------------------------------------------------------
@@ -102,10 +115,9 @@ def accuracy_metric(rows: list[Example], task: str, tokenizer: Any, cfg: Recover
     prompts = render(rows, tokenizer, cfg.data.template)
 
     def metric(model: torch.nn.Module) -> float:
-        rank, world = _world()
-        mine = list(range(rank, len(rows), world))
-        outputs = generate(model, tokenizer, [prompts[i] for i in mine], cfg.task.max_new_tokens,
-                           cfg.task.batch_size) if mine else []
+        mine, share = rank_share(len(rows))
+        padded = [prompts[i] for i in mine] + [prompts[0]] * (share - len(mine))
+        outputs = generate(model, tokenizer, padded, cfg.task.max_new_tokens, cfg.task.batch_size)[: len(mine)]
         correct = sum(is_correct(task, out, rows[i].label or "") for i, out in zip(mine, outputs, strict=True))
         counts = all_reduce_sum(torch.tensor([float(correct), float(len(mine))], dtype=torch.float64))
         return 100.0 * float(counts[0]) / float(counts[1])
@@ -124,13 +136,17 @@ def loss_metric(rows: list[Example], tokenizer: Any, cfg: RecoverConfig) -> Task
     def metric(model: torch.nn.Module) -> float:
         rank, world = _world()
         total = torch.zeros(2, dtype=torch.float64)
-        for batch in batches[rank::world]:
+        for index in range(rank, math.ceil(len(batches) / world) * world, world):
+            # the same number of forwards on every rank (collectives on a partitioned model): a rank out
+            # of batches runs the first one again and drops the result
+            batch = batches[index] if index < len(batches) else batches[0]
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             labels = batch["labels"][:, 1:]
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum",
                 ignore_index=-100)
-            total += torch.tensor([float(nll), float((labels != -100).sum())], dtype=torch.float64)
+            if index < len(batches):
+                total += torch.tensor([float(nll), float((labels != -100).sum())], dtype=torch.float64)
         total = all_reduce_sum(total)
         return math.exp(-float(total[0]) / max(1.0, float(total[1])))
 
@@ -154,8 +170,9 @@ def harm_metric(cfg: RecoverConfig, tokenizer: Any, data_dir: str | Path | None)
 
     def metric(model: torch.nn.Module) -> float:
         rank, world = _world()
-        mine = list(range(rank, len(rows), world))
-        outputs = generate(model, tokenizer, [prompts[i] for i in mine], cfg.eval.max_new_tokens) if mine else []
+        mine, share = rank_share(len(rows))
+        padded = [prompts[i] for i in mine] + [prompts[0]] * (share - len(mine))
+        outputs = generate(model, tokenizer, padded, cfg.eval.max_new_tokens)[: len(mine)]
         answers: dict[int, str] = dict(zip(mine, outputs, strict=True))
         if world > 1:
             parts: list[Any] = [None] * world
