@@ -393,3 +393,15 @@ def test_alignment_rows_mix_benign_instructions(data_dir):
     with pytest.raises(BulwarkInputError, match="data.align_benign_n"):
         alignment_rows(load_config(None, [f"data.dir={data_dir}", "data.align_n=1", "data.align_benign_n=999999"],
                                    "align"))
+
+
+def test_row_slice_of_a_source(data_dir):
+    every = load_examples("alpaca_eval", None, data_dir)
+    tail = load_examples("alpaca_eval[200:]", None, data_dir)
+    assert [ex.prompt for ex in tail] == [ex.prompt for ex in every[200:]]
+    assert len(load_examples("sst2_train[:5]", None, data_dir)) == 5
+    assert read_rows("sst2_train[3:5]", data_dir)[0]["__line__"] == 4  # rows keep their line numbers
+    with pytest.raises(BulwarkInputError, match=r"\[start:stop\]"):
+        load_examples("sst2_train[5]", None, data_dir)
+    with pytest.raises(BulwarkInputError, match="no rows"):
+        load_examples("sst2_train[5:5]", None, data_dir)

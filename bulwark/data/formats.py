@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bulwark.data.readers import LINE_KEY, find_file, read_rows, row_location
+from bulwark.data.readers import LINE_KEY, find_file, read_rows, row_location, split_row_slice
 from bulwark.errors import BulwarkInputError
 
 
@@ -162,11 +162,12 @@ def guess_format(source: str) -> str:
 def load_examples(source: str, fmt: str | None = None, data_dir: str | Path | None = None,
                   harmful: bool = False) -> list[Example]:
     """read_rows + the format's converter. fmt=None guesses from the name; harmful marks every Example."""
-    fmt = fmt or guess_format(source)
+    name, _ = split_row_slice(source)
+    fmt = fmt or guess_format(name)
     if fmt not in FORMATS:
         raise BulwarkInputError(f"unknown data format '{fmt}' for '{source}'; choose one of: {', '.join(FORMATS)}")
     rows = read_rows(source, data_dir)
-    where = source if source.startswith("hf:") else str(find_file(source, data_dir))
+    where = name if name.startswith("hf:") else str(find_file(name, data_dir))
     convert = FORMATS[fmt]
     examples = [convert(row, where) for row in rows]
     if harmful:

@@ -8,6 +8,8 @@ A source is one of:
   - a bare name found in the data folder: "sst2_train" or "sst2_train.jsonl"
   - a path to a .jsonl or .json file (a JSON list of objects, or {"data": [...]})
   - "hf:owner/name" or "hf:owner/name:split" (needs `datasets` and network; fails at once offline)
+  - any of these with a row slice, Python style: "alpaca_eval[200:]", "sst2_train[:500]" (rows keep
+    their line numbers), e.g. to train on rows an evaluation never reads
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from pathlib import Path
 
 from bulwark.errors import BulwarkInputError
@@ -22,6 +25,7 @@ from bulwark.errors import BulwarkInputError
 DATA_DIR_ENV = "BULWARK_DATA_DIR"
 LINE_KEY = "__line__"
 _SUFFIXES = (".jsonl", ".json")
+_ROW_SLICE = re.compile(r"(.+)\[(-?\d*):(-?\d*)\]")
 
 
 def resolve_data_dir(configured: str | Path | None) -> Path | None:
@@ -45,12 +49,24 @@ def read_rows(source: str, data_dir: str | Path | None = None) -> list[dict]:
 
     data_dir=None falls back to $BULWARK_DATA_DIR for bare names.
     """
+    source, rows_slice = split_row_slice(source)
     if source.startswith("hf:"):
-        return _read_hf(source)
-    path = find_file(source, data_dir)
-    if path.suffix == ".json":
-        return _read_json(path)
-    return _read_jsonl(path)
+        rows = _read_hf(source)
+    else:
+        path = find_file(source, data_dir)
+        rows = _read_json(path) if path.suffix == ".json" else _read_jsonl(path)
+    return rows[rows_slice]
+
+
+def split_row_slice(source: str) -> tuple[str, slice]:
+    """"name[a:b]" -> ("name", slice(a, b)); a source without a slice gets every row."""
+    match = _ROW_SLICE.fullmatch(source)
+    if match is None:
+        if source.endswith("]") and "[" in source:
+            raise BulwarkInputError(f"data source '{source}': a row slice is written [start:stop], e.g. [200:]")
+        return source, slice(None)
+    start, stop = (int(v) if v else None for v in match.group(2, 3))
+    return match.group(1), slice(start, stop)
 
 
 def find_file(source: str, data_dir: str | Path | None = None) -> Path:
