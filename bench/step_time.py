@@ -38,11 +38,13 @@ from typing import Any
 
 import torch
 
-# forward/backward work relative to SFT, counted in passes of the same rows (docs/DEFENSES.md)
+# forward/backward work relative to SFT (docs/DEFENSES.md): "a-b" = a counted in passes over the model
+# (what a fetch- or communication-bound run pays), b in row-work with a backward = 2 forwards and an
+# input-only backward (Vaccine's pass 1, SMART's ascent) = 1 forward (what a compute-bound run pays)
 PASS_FLOOR = {
     "sft": "1", "mix": "1", "lisa": "1", "vaccine-random": "1",
-    "vaccine": "2", "t-vaccine": "2", "repnoise": "~2", "booster": "3", "booster+vaccine": "~4",
-    "smart": "2.3-3.3",
+    "vaccine": "2-1.7", "t-vaccine": "<=2-1.7", "repnoise": "1-2", "booster": "3", "booster+vaccine": "4-3.7",
+    "smart": "2.5-3.7",
 }
 TARGET = {"lisa": 1.05, "vaccine": 2.1, "t-vaccine": 2.1, "booster": 3.1, "repnoise": 2.3, "smart": 2.2}
 # the environment the launcher gives CPU ranks (bulwark/launch.py), so that spawned benchmarks match it

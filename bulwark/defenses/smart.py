@@ -43,7 +43,18 @@ Passes per micro-batch, all at the same weights (B rows):
 3. stepping: the same stacked batch with the final δ through `engine.forward_logits`: one forward
    and one backward through the engine, the only shape that is correct under ZeRO-3 (DESIGN.md).
 δ enters through a forward hook on the input embedding module, out of place, so ZeRO-3 gathers the
-embedding weight inside its own forward as usual.
+embedding weight inside its own forward as usual. Passes 1 and 2 each keep their own ZeRO-3 prefetch
+trace (`Engine.extra_pass`; `own_trace=false` turns it off): with one trace for three differently
+shaped passes, ZeRO-3 dropped it every pass and fetched every module on demand (3.5x SFT instead of
+2.3x, tiny model, 2 ranks). The softmax of each set of logits is computed once and shared by the CE
+and both SymKL terms.
+
+Cost floor: per micro-batch 1 no-grad forward of B rows (EMA), 2B rows forward + input-only backward
+(ascent), 2B rows forward + backward (stepping). In passes over the model that is 5 against SFT's 2
+(fetch/communication-bound: ~2.5x); in row-work, counting a backward as two forwards and an
+input-only backward as one, 1 + 2 + 2 + 6 = 11 against 3 (compute-bound: ~3.7x; 3.3x would need the
+ascent's clean rows in a separate no-grad forward, which costs one more pass over the model). The
+issue's 2.2x target is below both floors.
 
 ZeRO-3: the EMA is a copy of this rank's flat fp32 master shard only (trainable bytes / world size),
 updated in place after each optimizer step; it and the noise generator go into the per-rank checkpoint.
