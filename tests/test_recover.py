@@ -331,6 +331,7 @@ def test_cli_bad_input_exits_2_with_one_line(models_dir: Path, data_dir: Path, t
     for extra, message in (
         ([f"finetuned={models_dir / 'wide'}"], "differ in hidden_size"),
         ([f"finetuned={models_dir / 'B'}", "data.harmful=no_such_prompts"], "data.harmful: data file 'no_such_prompts' not found"),
+        ([f"finetuned={models_dir / 'B'}", "launch.nproc=2", "launch.ds_config=zero2"], "give a stage-3 config"),
     ):
         proc = bulwark_cli(["recover", *base, *extra], data_dir, timeout=120)
         assert proc.returncode == 2, proc.stderr[-2000:]

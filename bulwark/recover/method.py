@@ -351,7 +351,7 @@ class Restorer:
         step = 0
         while step < cfg.steps:
             step += 1
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             cos, picked, restored = self.restore_step(harmful, d_harm)
             row: dict[str, Any] = {"event": "step", "step": step, "phase": "rollback" if rollback else "restore",
                                    "cos_harm": cos, "restored": restored, "restored_total": sum(restored.values())}
@@ -360,6 +360,7 @@ class Restorer:
                 row.update({"cos_benign": cos_b, "rolled_back": rolled, "rolled_back_total": sum(rolled.values())})
             row["changed"] = self.n_restored()
             row["seconds"] = round(time.perf_counter() - started, 3)
+            row["cpu_seconds"] = round(time.process_time() - cpu_started, 3)  # this process; wall time varies with load
             self.log(row)
 
             at_warmup = step == cfg.warmup_steps and not rollback

@@ -88,6 +88,12 @@ def check_inputs(cfg: RecoverConfig, overwrite: bool) -> Inputs:
     data_dir = resolve_data_dir(cfg.data.dir)
     if cfg.method == "restore":
         _check_restore_data(cfg, data_dir)
+        from bulwark.recover.config import use_zero3
+
+        if use_zero3(cfg, int(os.environ.get("WORLD_SIZE", cfg.launch.nproc))):
+            from bulwark.engine.partitioned import zero3_config
+
+            zero3_config(cfg.launch.ds_config, cfg.dtype, 1)  # a missing or non-ZeRO-3 JSON: one line here
     return Inputs(aligned, finetuned, finetuned_base, base, data_dir)
 
 
