@@ -87,13 +87,13 @@ def set_elements(param: torch.nn.Parameter, index: torch.Tensor, values: torch.T
     """
     with torch.no_grad():
         if not is_partitioned(param):
-            param.data.view(-1)[index] = values.to(param.dtype)
+            param.data.view(-1)[index.to(param.device)] = values.to(param.device, param.dtype)
             return
         local = param.ds_tensor
         size = int(local.ds_numel)
         start = size * torch.distributed.get_rank(group=param.ds_process_group)
         mine = (index >= start) & (index < start + size)
-        local.view(-1)[index[mine] - start] = values[mine].to(local.dtype)
+        local.view(-1)[(index[mine] - start).to(local.device)] = values[mine].to(local.device, local.dtype)
 
 
 def _gather_units(model: torch.nn.Module, layers: torch.nn.ModuleList) -> list[torch.nn.Module]:
