@@ -253,6 +253,21 @@ def test_two_ranks_restore_the_same_elements_as_one_process(models_dir: Path, da
     assert not (tmp_path / "one" / "model.tmp").exists()
 
 
+def test_two_ranks_zero3_generation_metrics_finish(models_dir: Path, data_dir: Path, tmp_path: Path) -> None:
+    """The accuracy metric (5 rows) and HS (3 prompts) split unevenly over 2 partitioned ranks: every
+    generation is a run of collectives, so an uneven share would hang (the torchrun timeout fails it)."""
+    args = [f"aligned={models_dir / 'A'}", f"finetuned={models_dir / 'B'}", f"out_dir={tmp_path / 'out'}",
+            "data.template=alpaca", "data.harmful_n=5", "data.task_n=3", "data.max_length=48", "task.metric=accuracy",
+            "task.n=5", "task.max_new_tokens=3", "task.batch_size=2", "eval.n=3", "eval.max_new_tokens=4",
+            "restore.steps=2", "restore.warmup_steps=1", "restore.checkpoint_every=1", "restore.micro_batch_size=2"]
+    check(torchrun(["-m", "bulwark.recover.recipe", *args], 2, data_dir))
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["zero3"] and summary["world_size"] == 2 and "accuracy" in summary["task_metric"]
+    assert [c["step"] for c in summary["checkpoints"]] == [1, 2]
+    assert all(0.0 <= c["harmful_score"] <= 100.0 for c in summary["checkpoints"])
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
 def test_zero3_partitioned_model_matches_plain(models_dir: Path, tmp_path: Path) -> None:
     """What recover does with a partitioned W (2 gloo ranks, stage3_param_persistence_threshold 0) equals
     plain PyTorch: every weight really split, a forward gathering one module at a time, an in-slice edit,
