@@ -262,17 +262,20 @@ def plot_results(rows: list[dict[str, Any]], out: Path) -> None:
 # One rank, so ZeRO-2: at world size 1 ZeRO-3 partitions nothing and its per-layer gather/release
 # costs 1.5x the step (SmolLM2, 4 x 128 tokens: 6.7 s vs 4.4 s); every defense's ZeRO-3 path is
 # tested at 2 ranks (tests/), and `launch.ds_config=zero3` gives the same run on ZeRO-3.
-# Alignment mixes benign Alpaca answers 1:1 into the refusals: refusals alone made SmolLM2 refuse
-# 80% of benign AlpacaEval prompts.
+# Alignment mixes benign chat answers 1:1 into the refusals (AlpacaEval rows 200+; the over-refusal
+# eval reads the first rows), at lr 3e-5: refusals alone at 5e-5 made SmolLM2 refuse 80% of benign
+# AlpacaEval prompts, a 1:1 Alpaca mix still 77% (keyword), this mix 70% (docs/BENCHMARKS.md). Lisa's
+# alignment stream replays the same mix.
+ALIGN_MIX = {"align_benign": "alpaca_eval[200:]", "max_length": 128}
 DEMO = {
     "model": "embedded",
     "align_defenses": ["sft"],
     "finetune_defenses": ["sft", "lisa"],
     "ps": [0.1],
-    "align": {"data": {"align_n": 200, "align_benign_n": 200, "max_length": 128},
-              "train": {"steps": 40, "micro_batch_size": 4, "grad_accum": 2, "lr": 5e-5},
+    "align": {"data": {"align_n": 200, "align_benign_n": 200, **ALIGN_MIX},
+              "train": {"steps": 40, "micro_batch_size": 4, "grad_accum": 2, "lr": 3e-5},
               "launch": {"ds_config": "zero2"}},
-    "finetune": {"data": {"n": 240, "align_n": 240, "max_length": 128},
+    "finetune": {"data": {"n": 240, "align_n": 120, "align_benign_n": 120, **ALIGN_MIX},
                  "train": {"steps": 30, "micro_batch_size": 4, "grad_accum": 2, "lr": 2e-5},
                  "launch": {"ds_config": "zero2"}},
     "defense_overrides": {"lisa": {"align_steps": 3, "finetune_steps": 7, "rho": 1.0}},
