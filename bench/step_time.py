@@ -227,7 +227,8 @@ def print_table(result: dict[str, Any]) -> None:
         name = parse_label(row["defense"])[0]
         target = TARGET.get(name)
         ratio = row["step_s"] / base
-        verdict = "" if target is None else (" (met)" if ratio <= target else " (not met)")
+        judged = target is not None and base_name == "sft"  # targets are ratios to SFT
+        verdict = "" if not judged else (" (met)" if ratio <= target else " (not met)")
         peak = "-" if row.get("peak_mem_bytes") is None else f"{row['peak_mem_bytes'] / 2**20:,.0f}"
         load = "-" if row.get("load_peak_bytes") is None else f"{row['load_peak_bytes'] / 2**20:,.0f}"
         print(f"| {row['defense']} | {row['step_s']:.3f} | {ratio:.2f}{verdict} | {PASS_FLOOR.get(name, '?')} | "
