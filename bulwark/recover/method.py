@@ -164,6 +164,7 @@ class Restorer:
         for p in self.params.values():
             p.requires_grad_(True)
         self.owned: dict[str, Owned] = {}
+        self.changed = 0  # elements restored now, all ranks; kept by _apply (counting the masks cost a pass a step)
         for name in self.names:
             if self.owner[name] != self.rank:
                 continue
@@ -232,22 +233,24 @@ class Restorer:
         if n_candidates.item() <= k:  # k or fewer candidates in all: take them all
             return {n: torch.nonzero(s >= 0).flatten() for n, s in scores.items()}
         threshold = torch.topk(_all_gather(offered), k).values[-1]
+        hits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (indices above, indices tied)
         counts = torch.zeros((len(self.names), 2), dtype=torch.float64)
         for j, name in enumerate(self.names):
-            if name in scores:
-                counts[j, 0] = (scores[name] > threshold).sum()
-                counts[j, 1] = (scores[name] == threshold).sum()
+            if name in scores:  # one pass over the weight; the rest works on the few hits
+                idx = torch.nonzero(scores[name] >= threshold).flatten()
+                values = scores[name][idx]
+                hits[name] = (idx[values > threshold], idx[values == threshold])
+                counts[j, 0], counts[j, 1] = hits[name][0].numel(), hits[name][1].numel()
         counts = all_reduce_sum(counts)
         ties_left = k - int(counts[:, 0].sum())
         chosen: dict[str, torch.Tensor] = {}
         for j, name in enumerate(self.names):
             take = min(int(counts[j, 1]), max(ties_left, 0))
             ties_left -= take
-            if name not in scores:
+            if name not in hits:
                 continue
-            above = torch.nonzero(scores[name] > threshold).flatten()
-            tied = torch.nonzero(scores[name] == threshold).flatten()[:take]
-            chosen[name] = torch.sort(torch.cat([above, tied])).values
+            above, tied = hits[name]
+            chosen[name] = torch.sort(torch.cat([above, tied[:take]])).values
         return chosen
 
     # ---- edits -------------------------------------------------------------------------------------
@@ -275,6 +278,8 @@ class Restorer:
             if idx.numel() == 0:
                 continue
             set_elements(self.params[name], idx, values)
+        # exact: restores only pick elements not restored, rollbacks and resets only restored ones
+        self.changed += sum(counts.values()) if to_a else -sum(counts.values())
         return counts
 
     def restore_step(self, harmful: list[Batch], d_harm: torch.Tensor) -> tuple[float, dict[str, torch.Tensor], dict[str, int]]:
@@ -325,8 +330,7 @@ class Restorer:
         return out
 
     def n_restored(self) -> int:
-        count = torch.tensor([float(sum(int(o.restored.sum()) for o in self.owned.values()))], dtype=torch.float64)
-        return int(all_reduce_sum(count).item())
+        return self.changed
 
     # ---- the schedule ------------------------------------------------------------------------------
 
