@@ -169,11 +169,7 @@ class Engine:
         return all_reduce_sum(tensor)
 
     def gathered(self, params: list[torch.nn.Parameter], modify: bool = False) -> AbstractContextManager:
-        if self.zero_stage != 3:
-            return nullcontext()
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+        return gathered(params, modify)
 
     def extra_pass(self, kind: str = "extra") -> AbstractContextManager:
         """Inside the block, module calls use ZeRO-3 parameter prefetching of their own, one trace per `kind`.
@@ -477,13 +473,24 @@ def _coordinator_like(offload: Any) -> Any:
     )
 
 
-def gather_for_edit(params: list[torch.nn.Parameter]) -> AbstractContextManager:
-    """Whole values of `params` inside the block, edits written back (ZeRO-3); a no-op for plain params."""
-    if not any(hasattr(p, "ds_id") for p in params):
+def is_partitioned(param: torch.nn.Parameter) -> bool:
+    """A ZeRO-3 partitioned parameter (DeepSpeed marks those with `ds_id`)."""
+    return hasattr(param, "ds_id")
+
+
+def gathered(params: list[torch.nn.Parameter], modify: bool = False) -> AbstractContextManager:
+    """Whole values of `params` inside the block (ZeRO-3); with `modify`, rank 0's edits are written back
+    to every rank's slice, else the gather is read-only. A no-op for plain parameters."""
+    if not any(is_partitioned(p) for p in params):
         return nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None)
+
+
+def gather_for_edit(params: list[torch.nn.Parameter]) -> AbstractContextManager:
+    """Whole values of `params` inside the block, edits written back (ZeRO-3); a no-op for plain params."""
+    return gathered(params, modify=True)
 
 
 def merge_lora_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:

@@ -4,7 +4,8 @@ A model loaded by `load_partitioned` holds on each rank only its slice of every 
 (`deepspeed.zero.Init` through transformers' `HfDeepSpeedConfig`); nothing installs forward hooks, so the
 caller decides what is whole and when:
 
-- `gathered(params)`: the listed parameters whole inside the block, read-only (no write-back broadcast);
+- `gathered(params)` (from engine.core): the listed parameters whole inside the block, read-only (no
+  write-back broadcast);
 - `gathered_per_module(model)`: a plain `model(...)` / `model.generate(...)` call gathers one decoder layer
   (or one other parameter-holding module) at a time, as a ZeRO-3 engine's forward does;
 - `set_elements(param, index, values)`: write elements of a weight into this rank's slice, no collective;
@@ -18,14 +19,14 @@ PyTorch, so the same caller code runs in one process without DeepSpeed.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from bulwark.config import TrainConfig
-from bulwark.engine.core import fill_ds_config, read_ds_config
+from bulwark.engine.core import fill_ds_config, gathered, is_partitioned, read_ds_config
 from bulwark.engine.dist import init_distributed
 from bulwark.errors import BulwarkInputError
 
@@ -62,21 +63,8 @@ def load_partitioned(model_dir: str | Path, dtype: str, ds_config: str = "zero3"
     return model
 
 
-def is_partitioned(param: torch.nn.Parameter) -> bool:
-    return hasattr(param, "ds_id")
-
-
 def full_numel(param: torch.nn.Parameter) -> int:
     return int(param.ds_numel) if is_partitioned(param) else param.numel()
-
-
-def gathered(params: list[torch.nn.Parameter]) -> AbstractContextManager:
-    """Whole values of `params` inside the block, read-only; a no-op for plain parameters."""
-    if not any(is_partitioned(p) for p in params):
-        return nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
 def set_elements(param: torch.nn.Parameter, index: torch.Tensor, values: torch.Tensor) -> None:
