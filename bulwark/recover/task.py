@@ -60,14 +60,20 @@ def prompt_batches(rows: list[Example], tokenizer: Any, cfg: RecoverConfig) -> l
     return make_batches(ids, tokenizer.pad_token_id, cfg.restore.micro_batch_size)
 
 
-def rank_share(n: int) -> tuple[list[int], int]:
-    """(this rank's row indices r, r + world, ..., the number of rows every rank processes).
+def generate_my_share(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int,
+                      batch_size: int = 16) -> tuple[list[int], list[str]]:
+    """(this rank's prompt indices r, r + world, ..., greedy answers to them).
 
     Every rank generates for the same number of prompts (the last ones padded with a repeat whose output
     is dropped): on a ZeRO-3 partitioned model each forward is a collective, so ranks must run the same
     number of generate calls (`generate` keeps them in step within a call once one finishes early)."""
+    from bulwark.eval.generate import generate
+
     rank, world = _world()
-    return list(range(rank, n, world)), math.ceil(n / world)
+    mine = list(range(rank, len(prompts), world))
+    share = math.ceil(len(prompts) / world)
+    padded = [prompts[i] for i in mine] + [prompts[0]] * (share - len(mine))
+    return mine, generate(model, tokenizer, padded, max_new_tokens, batch_size)[: len(mine)]
 
 
 # ---- the task metric ---------------------------------------------------------------------------------
@@ -109,15 +115,12 @@ def task_metric(cfg: RecoverConfig, tokenizer: Any, data_dir: str | Path | None)
 
 
 def accuracy_metric(rows: list[Example], task: str, tokenizer: Any, cfg: RecoverConfig) -> TaskMetric:
-    from bulwark.eval.generate import generate
     from bulwark.eval.metrics import is_correct
 
     prompts = render(rows, tokenizer, cfg.data.template)
 
     def metric(model: torch.nn.Module) -> float:
-        mine, share = rank_share(len(rows))
-        padded = [prompts[i] for i in mine] + [prompts[0]] * (share - len(mine))
-        outputs = generate(model, tokenizer, padded, cfg.task.max_new_tokens, cfg.task.batch_size)[: len(mine)]
+        mine, outputs = generate_my_share(model, tokenizer, prompts, cfg.task.max_new_tokens, cfg.task.batch_size)
         correct = sum(is_correct(task, out, rows[i].label or "") for i, out in zip(mine, outputs, strict=True))
         counts = all_reduce_sum(torch.tensor([float(correct), float(len(mine))], dtype=torch.float64))
         return 100.0 * float(counts[0]) / float(counts[1])
@@ -160,7 +163,6 @@ def harm_metric(cfg: RecoverConfig, tokenizer: Any, data_dir: str | Path | None)
     """HS (%) of greedy answers to the first eval.n prompts, judged on rank 0; None when eval.n = 0."""
     if cfg.eval.n == 0:
         return None
-    from bulwark.eval.generate import generate
     from bulwark.eval.judges import get_judge
 
     source = {"harmbench": "harmbench_behaviors"}.get(cfg.eval.prompts, cfg.eval.prompts)
@@ -170,9 +172,7 @@ def harm_metric(cfg: RecoverConfig, tokenizer: Any, data_dir: str | Path | None)
 
     def metric(model: torch.nn.Module) -> float:
         rank, world = _world()
-        mine, share = rank_share(len(rows))
-        padded = [prompts[i] for i in mine] + [prompts[0]] * (share - len(mine))
-        outputs = generate(model, tokenizer, padded, cfg.eval.max_new_tokens)[: len(mine)]
+        mine, outputs = generate_my_share(model, tokenizer, prompts, cfg.eval.max_new_tokens)
         answers: dict[int, str] = dict(zip(mine, outputs, strict=True))
         if world > 1:
             parts: list[Any] = [None] * world
