@@ -47,9 +47,6 @@ PASS_FLOOR = {
     "smart": "2.5-3.7",
 }
 TARGET = {"lisa": 1.05, "vaccine": 2.1, "t-vaccine": 2.1, "booster": 3.1, "repnoise": 2.3, "smart": 2.2}
-# the environment the launcher gives CPU ranks (bulwark/launch.py), so that spawned benchmarks match it
-CPU_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30),
-                  "MALLOC_TOP_PAD_": str(2**30)}
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -188,10 +185,11 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
 def run_isolated(args: argparse.Namespace) -> dict[str, Any]:
     """One torchrun per defense; each child writes its rank-0 result as JSON."""
     labels = [n for n in args.defenses.split(",") if n]
+    from bulwark.launch import with_cpu_rank_env
+
     env = dict(os.environ)
-    if not torch.cuda.is_available():
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        env.update({k: v for k, v in CPU_MALLOC_ENV.items() if k not in env})
+    if not torch.cuda.is_available():  # what the launcher gives CPU ranks, so that benchmarks match runs
+        env = with_cpu_rank_env(env, args.nproc)
     rows, result = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, label in enumerate(labels):

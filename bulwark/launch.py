@@ -89,7 +89,12 @@ def launch(
     if torch.cuda.is_available():
         env.pop("DS_ACCELERATOR")
     else:
-        # torchrun pins every rank to one thread; on a CPU run the ranks should share the cores instead
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-        env.update({k: v for k, v in CPU_MALLOC_ENV.items() if k not in env})
+        env = with_cpu_rank_env(env, nproc)
     return subprocess.call(cmd, env=env)
+
+
+def with_cpu_rank_env(env: dict[str, str], nproc: int) -> dict[str, str]:
+    """`env` plus what CPU ranks under torchrun need, where the user has not set it: the cores shared
+    among the ranks (torchrun pins every rank to one thread) and freed memory kept in the heap."""
+    cpu = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **CPU_MALLOC_ENV}
+    return {**cpu, **env}
