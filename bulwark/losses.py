@@ -14,13 +14,15 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     Computed here rather than by the model so that every defense and the plain-PyTorch reference in
     the tests use one definition: shift by one, ignore -100, average over labelled tokens.
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:]
-    return F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.size(-1)),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-    )
+    return causal_lm_nll(F.log_softmax(logits[:, :-1, :].float(), dim=-1), labels)
+
+
+def causal_lm_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`causal_lm_loss` from log-probabilities already computed (cross entropy is the NLL of
+    log_softmax), for a caller that shares one softmax among several terms (SMART). `log_probs` may
+    cover every position or all but the last: the last position predicts nothing."""
+    shifted = log_probs[:, : labels.size(1) - 1, :]
+    return F.nll_loss(shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def model_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

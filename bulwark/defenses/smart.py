@@ -72,7 +72,7 @@ import torch.nn.functional as F
 
 from bulwark.defenses.base import Defense, TrainingView, register
 from bulwark.errors import BulwarkInputError
-from bulwark.losses import IGNORE_INDEX
+from bulwark.losses import causal_lm_nll
 
 Batch = dict[str, torch.Tensor]
 LAYOUT_ERROR = ("SMART: the optimizer's flat shards are not the trainable weights in order (the ZeRO-1/2 "
@@ -108,13 +108,6 @@ class Distribution:
         self.logits = logits
         self.log = F.log_softmax(logits.float(), dim=-1)
         self.prob = self.log.exp()
-
-
-def shifted_nll(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`bulwark.losses.causal_lm_loss` from log-probabilities already computed (cross entropy is the NLL
-    of log_softmax): shift by one, ignore -100, mean over labelled tokens."""
-    shifted = log_probs[:, :-1, :]
-    return F.nll_loss(shifted.reshape(-1, shifted.size(-1)), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def sym_kl_of(p: Distribution, q: Distribution, mask: torch.Tensor) -> torch.Tensor:
@@ -210,7 +203,7 @@ class Smart(Defense):
         else:
             logits = engine.forward_logits({"input_ids": ids, "attention_mask": mask})
         clean = Distribution(logits[:rows])
-        ce = shifted_nll(clean.log, batch["labels"])
+        ce = causal_lm_nll(clean.log, batch["labels"])
         total = ce
         self._last = {"smart_ce": ce.item()}
         if cfg.lambda_s > 0:
