@@ -22,6 +22,7 @@ from typing import Any
 
 from bulwark.config import build_dataclass, deep_merge, parse_overrides, read_yaml
 from bulwark.errors import BulwarkInputError
+from bulwark.eval.generate import GENERATE_BATCH_SIZE
 
 
 @dataclass
@@ -33,7 +34,7 @@ class EvalSettings:
     n_task: int = 100
     judge: str = "refusal"
     max_new_tokens: int = 64
-    batch_size: int = 16
+    batch_size: int = GENERATE_BATCH_SIZE
     template: str = "chat"
 
 
@@ -273,7 +274,7 @@ DEMO = {
     "finetune_defenses": ["sft", "lisa"],
     "ps": [0.1],
     "align": {"data": {"align_n": 200, "align_benign_n": 200, **ALIGN_MIX},
-              "train": {"steps": 40, "micro_batch_size": 4, "grad_accum": 2, "lr": 3e-5},
+              "train": {"steps": 30, "micro_batch_size": 4, "grad_accum": 2, "lr": 3e-5},
               "launch": {"ds_config": "zero2"}},
     "finetune": {"data": {"n": 240, "align_n": 120, "align_benign_n": 120, **ALIGN_MIX},
                  "train": {"steps": 30, "micro_batch_size": 4, "grad_accum": 2, "lr": 2e-5},

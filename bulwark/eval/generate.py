@@ -23,6 +23,10 @@ import torch
 from bulwark.errors import BulwarkInputError
 from bulwark.eval.io import atomic_write_jsonl, read_jsonl
 
+# Prompts per generate() call. On SmolLM2-135M on 2 CPU cores, 32 generated the demo's 190 answers in
+# 60 s against 80 s at 16 and 84 s at 64 (identical greedy outputs: prompts are left-padded).
+GENERATE_BATCH_SIZE = 32
+
 RANK_FILE = "rows.rank{rank}.jsonl"
 
 
@@ -114,7 +118,7 @@ def _prompt_ids(tokenizer: Any, text: str) -> list[int]:
 
 @torch.inference_mode()
 def generate(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int | list[int] = 128,
-             batch_size: int = 16, max_prompt_tokens: int = 1024,
+             batch_size: int = GENERATE_BATCH_SIZE, max_prompt_tokens: int = 1024,
              on_batch: Callable[[int], None] | None = None) -> list[str]:
     """Greedy completions of already-rendered prompts, in input order.
 
@@ -164,7 +168,7 @@ def generate_sharded(
     out_file: Path,
     *,
     max_new_tokens: int = 128,
-    batch_size: int = 16,
+    batch_size: int = GENERATE_BATCH_SIZE,
     dtype: str = "fp32",
     log: Callable[[str], None] | None = None,
 ) -> list[dict] | None:
@@ -231,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out")
     parser.add_argument("--template", default="chat")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=GENERATE_BATCH_SIZE)
     args = parser.parse_args(argv)
     from bulwark.data.formats import Example
     from bulwark.data.templates import render_prompt

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bulwark.errors import BulwarkInputError
+from bulwark.eval.generate import GENERATE_BATCH_SIZE
 from bulwark.eval.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 # Prompt-set names -> data files (bare names in the data folder). A path to a JSONL file also works.
@@ -99,7 +100,7 @@ def run_eval(
     n_benign: int = 100,
     template: str = "chat",
     max_new_tokens: int = 128,
-    batch_size: int = 16,
+    batch_size: int = GENERATE_BATCH_SIZE,
     data_dir: str | Path | None = None,
     fa_judge: str | None = None,
     meta: dict | None = None,
@@ -328,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n-benign", type=int, default=100)
     parser.add_argument("--template", default="chat")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=GENERATE_BATCH_SIZE)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--fa-judge", default=None)
     parser.add_argument("--meta", action="append", default=[], help="KEY=VALUE for the summary key (repeatable)")
