@@ -274,7 +274,7 @@ DEMO = {
     "finetune_defenses": ["sft", "lisa"],
     "ps": [0.1],
     "align": {"data": {"align_n": 200, "align_benign_n": 200, **ALIGN_MIX},
-              "train": {"steps": 30, "micro_batch_size": 4, "grad_accum": 2, "lr": 3e-5},
+              "train": {"steps": 40, "micro_batch_size": 4, "grad_accum": 2, "lr": 3e-5},
               "launch": {"ds_config": "zero2"}},
     "finetune": {"data": {"n": 240, "align_n": 120, "align_benign_n": 120, **ALIGN_MIX},
                  "train": {"steps": 30, "micro_batch_size": 4, "grad_accum": 2, "lr": 2e-5},

@@ -132,9 +132,11 @@ def launch_recover(config: str | None, overrides: list[str], overwrite: bool = F
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(cfg.launch.master_port or free_port()),
            "-m", "bulwark.recover.recipe", *_argv(config, overrides, overwrite)]
-    env = {**os.environ}
-    if not torch.cuda.is_available():  # torchrun pins each rank to one thread; let the ranks share the cores
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        from bulwark.launch import with_cpu_rank_env
+
+        env = with_cpu_rank_env(env, nproc)
     return subprocess.call(cmd, env=env)
 
 
