@@ -24,6 +24,7 @@ from bulwark.data import load_examples, resolve_data_dir
 from bulwark.data.formats import Example
 from bulwark.data.templates import render_prompt
 from bulwark.eval.generate import load_for_generation
+from bulwark.eval.run import BENIGN_SOURCE, PROMPT_SETS
 
 
 def opening_logprob(model: torch.nn.Module, tokenizer, prompts: list[str], opening: str) -> list[float]:
@@ -55,8 +56,8 @@ def main() -> None:
     args = parser.parse_args()
 
     folder = resolve_data_dir(args.data_dir)
-    harmful = [e.prompt for e in load_examples("harmful_eval_prompts", "prompt_only", folder)[: args.n_harmful]]
-    benign = [e.prompt for e in load_examples("alpaca_eval", "alpaca", folder)[: args.n_benign]]
+    harmful = [e.prompt for e in load_examples(PROMPT_SETS["harmful_eval_prompts"], "prompt_only", folder)[: args.n_harmful]]
+    benign = [e.prompt for e in load_examples(BENIGN_SOURCE, "alpaca", folder)[: args.n_benign]]
     print(f"| model | AUC | mean log p('{args.opening}') harmful / benign | benign refused at HS {args.hs:g}% |")
     print("|---|---|---|---|")
     for name in args.models:

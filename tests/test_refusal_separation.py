@@ -28,7 +28,7 @@ def test_roc_auc_counts_pairs_and_ties():
     assert auc([2.0, 0.5], [1.0]) == 0.5
 
 
-def test_opening_logprob_matches_token_by_token_greedy_scoring(tiny_model_dir):
+def test_opening_logprob_matches_token_by_token_scoring(tiny_model_dir):
     from bulwark.data.formats import Example
     from bulwark.data.templates import render_prompt
     from bulwark.eval.generate import load_for_generation
