@@ -260,4 +260,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from bulwark.engine.dist import exit_after_success
+
     main()
+    exit_after_success()

@@ -9,7 +9,14 @@ from bulwark.engine.core import (
     peak_memory_bytes,
     read_ds_config,
 )
-from bulwark.engine.dist import all_reduce_sum, barrier, broadcast_object, init_distributed, under_launcher
+from bulwark.engine.dist import (
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    exit_after_success,
+    init_distributed,
+    under_launcher,
+)
 from bulwark.engine.progress import RunLogger
 
 __all__ = [
@@ -18,6 +25,7 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
+    "exit_after_success",
     "fill_ds_config",
     "gather_for_edit",
     "init_distributed",

@@ -74,6 +74,9 @@ def run_stage(stage: str, argv: list[str] | None, build_plan: Any) -> None:
     except BulwarkInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    from bulwark.engine import exit_after_success
+
+    exit_after_success()
 
 
 def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:

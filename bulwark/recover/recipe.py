@@ -128,6 +128,9 @@ def launch_recover(config: str | None, overrides: list[str], overwrite: bool = F
     nproc = 1 if cfg.method == "safelora" else cfg.launch.nproc
     if nproc == 1 or under_launcher() or "SLURM_PROCID" in os.environ:
         run(cfg, inputs, overwrite)
+        from bulwark.engine.dist import exit_after_success
+
+        exit_after_success()
         return 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
            "--master_addr", "127.0.0.1", "--master_port", str(cfg.launch.master_port or free_port()),

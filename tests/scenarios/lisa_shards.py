@@ -14,7 +14,7 @@ import torch
 from bulwark.config import TrainConfig
 from bulwark.data import DistributedStream
 from bulwark.defenses.lisa import Lisa, LisaConfig
-from bulwark.engine import Engine
+from bulwark.engine import Engine, exit_after_success
 from bulwark.losses import model_loss
 from bulwark.models import load_model, load_tokenizer
 
@@ -82,3 +82,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_success()

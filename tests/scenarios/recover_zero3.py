@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bulwark.engine.dist import exit_after_success
 from bulwark.engine.partitioned import (
     full_numel,
     gathered,
@@ -68,3 +69,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_success()

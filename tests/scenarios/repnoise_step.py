@@ -18,7 +18,7 @@ from synthetic import SyntheticStream
 
 from bulwark.config import LoraConfig, TrainConfig
 from bulwark.defenses.repnoise import RepNoise, RepNoiseConfig
-from bulwark.engine import Engine
+from bulwark.engine import Engine, exit_after_success
 from bulwark.models import apply_lora, load_model
 
 
@@ -105,3 +105,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_success()

@@ -19,7 +19,7 @@ from synthetic import random_rows
 from bulwark.config import LoraConfig, TrainConfig
 from bulwark.data.collate import pad_collate
 from bulwark.defenses.smart import Smart, SmartConfig
-from bulwark.engine import Engine
+from bulwark.engine import Engine, exit_after_success
 from bulwark.models import apply_lora, load_model
 
 
@@ -114,3 +114,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_success()

@@ -20,7 +20,7 @@ from synthetic import random_rows
 from bulwark.config import LoraConfig, TrainConfig
 from bulwark.data.collate import pad_collate
 from bulwark.defenses import build_defense
-from bulwark.engine import Engine
+from bulwark.engine import Engine, exit_after_success
 from bulwark.models import apply_lora, load_model
 
 LR = 0.5
@@ -133,3 +133,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_success()
