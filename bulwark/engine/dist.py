@@ -54,8 +54,8 @@ def init_distributed() -> tuple[int, int, int]:
 
 
 def shutdown() -> None:
-    """Tear the process group down before the interpreter does: a gloo group left to the interpreter's
-    exit can abort the process ("terminate called without an active exception") after a clean run."""
+    """Tear the process groups down before the interpreter does (registered at exit). It frees only the
+    groups nobody else holds; a finished run also needs `exit_after_success` for the ones DeepSpeed keeps."""
     if torch.distributed.is_initialized():
         try:
             torch.distributed.destroy_process_group()
@@ -71,8 +71,8 @@ def exit_after_success() -> None:
     their gloo worker threads live on. A worker that drops the last reference to a collective's
     tensor once finalization has begun must take the GIL; CPython ends such a thread with
     pthread_exit, whose unwinding through a noexcept destructor aborts the whole process
-    ("terminate called without an active exception", exit -6) after a run that finished. Here it hit
-    about one CI run in two (one of ~60 multi-rank runs); the core's backtrace reads
+    ("terminate called without an active exception", exit -6) after a run that finished. It failed one
+    of three CI runs and two local runs of the suite (~60 multi-rank runs each); the core's backtrace reads
     ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> PyThread_exit_thread -> std::terminate.
     `bench/teardown_abort.py` measures it. A process that never started a process group returns.
     A failing run leaves the normal way, so its exit code and traceback are kept."""
