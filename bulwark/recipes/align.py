@@ -8,7 +8,7 @@ from __future__ import annotations
 from bulwark.config import Config
 from bulwark.defenses import Defense
 from bulwark.recipes.loop import StagePlan, run_stage
-from bulwark.recipes.streams import alignment_rows, harmful_rows
+from bulwark.recipes.streams import alignment_rows, benign_refusal_rows, harmful_rows
 
 
 def build_plan(cfg: Config, defense: Defense) -> StagePlan:
@@ -17,6 +17,8 @@ def build_plan(cfg: Config, defense: Defense) -> StagePlan:
         streams["harmful"] = harmful_rows(cfg, cfg.data.align_n)
     if "align" in defense.side_streams:
         streams["align"] = streams["main"]
+    if "benign_refusals" in defense.side_streams:
+        streams["benign_refusals"] = benign_refusal_rows(cfg)
     return StagePlan(streams)
 
 

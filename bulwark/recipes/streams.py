@@ -16,23 +16,45 @@ def sample(rows: list[Example], k: int, seed: int, what: str) -> list[Example]:
     return random.Random(seed).sample(rows, k)
 
 
-def alignment_rows(cfg: Config) -> list[Example]:
-    """Harmful prompts with refusals, plus `align_benign_n` benign instructions answered helpfully,
-    shuffled together. Only answers that really refuse are kept by default: about a quarter of
-    BeaverTails' "safe" answers comply harmlessly, which teaches no refusal."""
+def refusal_rows(cfg: Config) -> list[Example]:
+    """`align_n` harmful prompts with refusals. Only answers that really refuse are kept by default:
+    about a quarter of BeaverTails' "safe" answers comply harmlessly, which teaches no refusal."""
     from bulwark.eval.judge_data import has_gcg_phrase
 
-    data_dir = resolve_data_dir(cfg.data.dir)
-    rows = load_examples(cfg.data.align, None, data_dir)
+    rows = load_examples(cfg.data.align, None, resolve_data_dir(cfg.data.dir))
     if cfg.data.align_refusals_only:
         rows = [ex for ex in rows if has_gcg_phrase(ex.response)]
-    chosen = sample(rows, cfg.data.align_n, cfg.data.seed, f"data.align_n ({cfg.data.align})")
-    if cfg.data.align_benign_n:
-        benign = load_examples(cfg.data.align_benign, None, data_dir)
-        chosen += sample(benign, cfg.data.align_benign_n, cfg.data.seed + 2,
-                         f"data.align_benign_n ({cfg.data.align_benign})")
+    return sample(rows, cfg.data.align_n, cfg.data.seed, f"data.align_n ({cfg.data.align})")
+
+
+def benign_rows(cfg: Config) -> list[Example]:
+    """`align_benign_n` benign instructions answered helpfully (none when it is 0)."""
+    if not cfg.data.align_benign_n:
+        return []
+    benign = load_examples(cfg.data.align_benign, None, resolve_data_dir(cfg.data.dir))
+    return sample(benign, cfg.data.align_benign_n, cfg.data.seed + 2, f"data.align_benign_n ({cfg.data.align_benign})")
+
+
+def alignment_rows(cfg: Config) -> list[Example]:
+    """The refusal rows plus the benign rows, shuffled together."""
+    chosen = refusal_rows(cfg)
+    benign = benign_rows(cfg)
+    if benign:
+        chosen += benign
         random.Random(cfg.data.seed + 3).shuffle(chosen)
     return chosen
+
+
+def benign_refusal_rows(cfg: Config, words: int = 12) -> list[Example]:
+    """Each benign prompt of the alignment set with the opening (first `words` words) of a refusal
+    drawn from it: the negatives of `refusal_ul`. Short, since only the first tokens are scored."""
+    benign = benign_rows(cfg)
+    if not benign:
+        raise BulwarkInputError("defense refusal_ul needs benign prompts: set data.align_benign_n > 0")
+    refusals = refusal_rows(cfg)
+    pick = random.Random(cfg.data.seed + 4)
+    return [Example(ex.prompt, " ".join(pick.choice(refusals).response.split()[:words]), source=ex.source,
+                    input=ex.input) for ex in benign]
 
 
 def harmful_rows(cfg: Config, k: int) -> list[Example]:
