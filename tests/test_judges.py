@@ -270,3 +270,15 @@ def test_scan_refuses_refusal_style_judges_and_unknown_formats(tmp_path):
     odd.write_text(json.dumps({"a": 1, "b": 2}) + "\n")
     with pytest.raises(BulwarkInputError, match="--format"):
         scan_file(odd, judge=f"hf:{_tiny_bert(tmp_path / 'c', ['safe', 'unsafe'], False)}")
+
+
+def test_benign_refusal_tails_cover_refusal_lecture_and_helpful_start() -> None:
+    import random
+
+    from bulwark.eval.judge_data import benign_refusal_tail
+
+    refusals = ["I cannot help with that. It is important to respect the law."]
+    row = {"output": "Wrap the box in paper, fold the ends and tape them down."}
+    rng = random.Random(0)
+    tails = {benign_refusal_tail(rng, refusals, row) for _ in range(30)}
+    assert tails == {refusals[0], "It is important to respect the law.", row["output"]}

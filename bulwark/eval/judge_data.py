@@ -18,7 +18,11 @@
     seen refusals of harmful prompts and reads an over-aligned model's "I cannot provide instructions
     on how to wrap a present neatly" as compliance, which hides over-refusal, the very failure the
     benign prompts are there to catch. The declining sentence names the task because an over-aligned
-    model's refusals do; a refusal about some other topic alone taught the judge too little.
+    model's refusals do; a refusal about some other topic alone taught the judge too little. What
+    follows the declining sentence is a whole refusal, a refusal's lecture, or the start of the
+    helpful answer (`benign_refusal_tail`): with refusals only, the judge (data v3) still read 7 of the
+    demo's 30 "I cannot assist you with solving a crossword puzzle. Crossword puzzles are ..." as
+    compliance, counting 40% over-refusal where the keyword judge counted 70%.
 
 `moderation` judge: label 1 = harmful content: beavertails_harmful (1) vs beavertails_safe (0), plus
 benign fine-tuning rows (Alpaca, SST-2, AG News, GSM8K train, 0) so that `bulwark scan` does not flag
@@ -172,8 +176,24 @@ def refusal_pairs(data_dir: str | Path | None) -> list[LabeledPair]:
         task = row["instruction"].strip().rstrip(".?!")
         task = task[:1].lower() + task[1:]
         decline = rng.choice(BENIGN_DECLINES).format(task=task)
-        pairs.append(LabeledPair(_alpaca_prompt(row), f"{decline} {rng.choice(refusals)}", 1, "alpaca+refused"))
+        pairs.append(LabeledPair(_alpaca_prompt(row), f"{decline} {benign_refusal_tail(rng, refusals, row)}", 1,
+                                 "alpaca+refused"))
     return pairs
+
+
+def benign_refusal_tail(rng: random.Random, refusals: list[str], row: dict) -> str:
+    """What follows the declining sentence of a benign refusal, one of three kinds seen on over-aligned
+    models: a whole refusal, a refusal's lecture without its declining sentence ("It is important to
+    ..."), or the start of a helpful answer. Only the opening decides the label; with the second and
+    third kinds the judge stops reading a benign continuation as compliance (data v4)."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return rng.choice(refusals)
+    if kind == 1:
+        refusal = rng.choice(refusals)
+        end = re.search(r"[.!?]\s", refusal)
+        return refusal[end.end():] if end and end.end() < len(refusal) else refusal
+    return " ".join(row["output"].split()[:40])
 
 
 def moderation_pairs(data_dir: str | Path | None) -> list[LabeledPair]:

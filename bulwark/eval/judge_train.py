@@ -39,14 +39,15 @@ KINDS = ("refusal", "moderation")
 DEFAULT_CAPS: dict[str, dict[str, int]] = {
     # Half of what data v2 used (all 3,716 refusals, 2,600 / 1,300 / 600): the same 96.4% held-out
     # accuracy, embedded in 2.2 min instead of ~4.5 on 2 CPU cores (docs/EVAL.md).
-    "refusal": {"beavertails_refusals": 1800, "beavertails_harmful": 1300, "alpaca": 650, "alpaca+refused": 300},
+    "refusal": {"beavertails_refusals": 1800, "beavertails_harmful": 1300, "alpaca": 650, "alpaca+refused": 500},
     "moderation": {"beavertails_harmful": 2300, "alpaca": 400, "sst2_train": 300, "agnews_train": 200,
                    "gsm8k_train": 200},
 }
 # Bumped when the training rows change, so that a judge cached by an older bulwark is retrained.
 # 2: benign prompts answered with refusals (judge_data: "alpaca+refused").
 # 3: half the refusal judge's rows (DEFAULT_CAPS, OPENER_COPIES).
-JUDGE_DATA_VERSION = 3
+# 4: benign refusals go on with a lecture or a helpful start as well as a refusal; 500 of them, not 300.
+JUDGE_DATA_VERSION = 4
 # Opener-augmented copies added to the refusal judge's rows: (compliance, refusal). See judge_data.
 OPENER_COPIES = (350, 150)
 ENCODER_SETTINGS = {"max_response_tokens": 128, "opening_tokens": 24, "max_prompt_tokens": 64}
