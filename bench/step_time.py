@@ -146,7 +146,7 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
         engine.add_pre_step_hook(defense.before_step)
         vocab = engine.module.config.vocab_size
         streams = {s: SyntheticStream(vocab, args.mbs, args.seq, seed=i + 100 * engine.rank)
-                   for i, s in enumerate(("main", "align", "harmful"))}
+                   for i, s in enumerate(("main", "align", "harmful", "benign_refusals"))}
         runs[label] = {"engine": engine, "defense": defense, "streams": streams, "times": [], "step": 0}
     load_peak = peak_memory_bytes()
 

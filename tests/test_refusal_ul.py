@@ -138,3 +138,15 @@ def test_steps_equal_plain_pytorch(tmp_path: Path, tiny_model_dir: Path) -> None
     gap = max((expected[k] - sft_only[k]).abs().max().item() for k in expected)
     assert gap > 1e-4, f"the unlikelihood term moved no weight past the tolerance ({gap})"
     assert all(r["log"][-1]["metrics"]["refusal_ul_ul"] > 0 for r in ranks)
+
+
+
+def test_shipped_config_builds_both_streams(data_dir: Path) -> None:
+    from bulwark.config import load_config
+    from bulwark.recipes.align import build_plan
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "align_refusal_ul.yaml"
+    cfg = load_config(str(config), [f"data.dir={data_dir}"], "align")
+    plan = build_plan(cfg, build_defense(cfg.defense, "align", cfg.train.steps))
+    assert len(plan.streams["main"]) == cfg.data.align_n + cfg.data.align_benign_n
+    assert len(plan.streams["benign_refusals"]) == cfg.data.align_benign_n
