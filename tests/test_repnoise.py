@@ -18,8 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bulwark.data.collate import stack_batches
 from bulwark.defenses import build_defense
-from bulwark.defenses.repnoise import RepNoise, RepNoiseConfig, gaussian_mmd, stack_batches
+from bulwark.defenses.repnoise import RepNoise, RepNoiseConfig, gaussian_mmd
 from bulwark.errors import BulwarkInputError
 from bulwark.models import load_model
 from tests.conftest import SCENARIOS, check, plain_model, torchrun

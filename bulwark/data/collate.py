@@ -23,3 +23,16 @@ def pad_collate(features: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         labels[i, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
         attention_mask[i, :n] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def stack_batches(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rows of `first` then `second`, right-padded to one length (pad id 0, attention 0, labels -100):
+    two streams' micro-batches as ONE forward, the shape that is correct under ZeRO-3 (docs/DESIGN.md)."""
+    length = max(first["input_ids"].size(1), second["input_ids"].size(1))
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
+    out = {}
+    for key, value in fill.items():
+        parts = [b[key] for b in (first, second)]
+        parts = [torch.nn.functional.pad(p, (0, length - p.size(1)), value=value) for p in parts]
+        out[key] = torch.cat(parts)
+    return out

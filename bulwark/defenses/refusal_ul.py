@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
+from bulwark.data.collate import stack_batches
 from bulwark.defenses.base import Defense, Stream, TrainingView, register
-from bulwark.defenses.repnoise import stack_batches
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import IGNORE_INDEX, causal_lm_loss
 

@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from bulwark.data.collate import stack_batches
 from bulwark.defenses.base import Defense, Stream, TrainingView, register
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import IGNORE_INDEX, causal_lm_loss
@@ -79,18 +80,6 @@ def gaussian_mmd(x: torch.Tensor, y: torch.Tensor, kernel_num: int = 5, kernel_m
     kernels = sum(torch.exp(-d2 / (bandwidth * kernel_mul**k)) for k in range(kernel_num))
     b = x.size(0)
     return (kernels[:b, :b] + kernels[b:, b:] - kernels[:b, b:] - kernels[b:, :b]).mean()
-
-
-def stack_batches(first: Batch, second: Batch) -> Batch:
-    """Rows of `first` then `second`, right-padded to one length (pad id 0, attention 0, labels -100)."""
-    length = max(first["input_ids"].size(1), second["input_ids"].size(1))
-    fill = {"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX}
-    out = {}
-    for key, value in fill.items():
-        parts = [b[key] for b in (first, second)]
-        parts = [torch.nn.functional.pad(p, (0, length - p.size(1)), value=value) for p in parts]
-        out[key] = torch.cat(parts)
-    return out
 
 
 def decoder_mlps(module: torch.nn.Module) -> list[torch.nn.Module]:
