@@ -65,7 +65,7 @@ def test_unknown_judge_lists_valid_names():
 # ---- learned judges: train on a small labeled split (frozen-embedding path) ----------------------------
 
 SMALL_CAPS = {
-    "refusal": {"beavertails_refusals": 100, "beavertails_harmful": 70, "alpaca": 30, "alpaca+refused": 30},
+    "refusal": {"beavertails_refusals": 100, "beavertails_harmful": 70, "alpaca": 30, "alpaca+refused": 60},
     "moderation": {"beavertails_harmful": 170, "beavertails_safe": 150, "alpaca": 20, "sst2_train": 20,
                    "agnews_train": 0, "gsm8k_train": 0},
 }
