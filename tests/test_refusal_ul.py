@@ -85,13 +85,14 @@ def test_negatives_pair_benign_prompts_with_refusal_openings(data_dir: Path) -> 
 
     overrides = [f"data.dir={data_dir}", "data.align_n=30", "data.align_benign_n=20", "data.align_benign=alpaca_eval"]
     cfg = load_config(None, overrides, "align")
-    negatives = benign_refusal_rows(cfg)
+    negatives = benign_refusal_rows(cfg, refusal_rows(cfg), benign_rows(cfg))
     assert [ex.prompt for ex in negatives] == [ex.prompt for ex in benign_rows(cfg)]
     openings = {" ".join(ex.response.split()[:12]) for ex in refusal_rows(cfg)}
     assert all(ex.response in openings and len(ex.response.split()) <= 12 for ex in negatives)
     assert sum(has_gcg_phrase(ex.response) for ex in negatives) >= len(negatives) // 2
     with pytest.raises(BulwarkInputError, match="align_benign_n"):
-        benign_refusal_rows(load_config(None, [f"data.dir={data_dir}", "data.align_n=30"], "align"))
+        no_benign = load_config(None, [f"data.dir={data_dir}", "data.align_n=30"], "align")
+        benign_refusal_rows(no_benign, refusal_rows(no_benign), benign_rows(no_benign))
 
 
 # ---- the engine against plain PyTorch ----------------------------------------------------------------

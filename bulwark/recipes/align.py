@@ -8,17 +8,24 @@ from __future__ import annotations
 from bulwark.config import Config
 from bulwark.defenses import Defense
 from bulwark.recipes.loop import StagePlan, run_stage
-from bulwark.recipes.streams import alignment_rows, benign_refusal_rows, harmful_rows
+from bulwark.recipes.streams import (
+    benign_refusal_rows,
+    benign_rows,
+    harmful_rows,
+    mix_alignment,
+    refusal_rows,
+)
 
 
 def build_plan(cfg: Config, defense: Defense) -> StagePlan:
-    streams = {"main": alignment_rows(cfg)}
+    refusals, benign = refusal_rows(cfg), benign_rows(cfg)
+    streams = {"main": mix_alignment(cfg, refusals, benign)}
     if "harmful" in defense.side_streams:
         streams["harmful"] = harmful_rows(cfg, cfg.data.align_n)
     if "align" in defense.side_streams:
         streams["align"] = streams["main"]
     if "benign_refusals" in defense.side_streams:
-        streams["benign_refusals"] = benign_refusal_rows(cfg)
+        streams["benign_refusals"] = benign_refusal_rows(cfg, refusals, benign)
     return StagePlan(streams)
 
 

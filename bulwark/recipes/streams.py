@@ -35,23 +35,24 @@ def benign_rows(cfg: Config) -> list[Example]:
     return sample(benign, cfg.data.align_benign_n, cfg.data.seed + 2, f"data.align_benign_n ({cfg.data.align_benign})")
 
 
-def alignment_rows(cfg: Config) -> list[Example]:
-    """The refusal rows plus the benign rows, shuffled together."""
-    chosen = refusal_rows(cfg)
-    benign = benign_rows(cfg)
+def mix_alignment(cfg: Config, refusals: list[Example], benign: list[Example]) -> list[Example]:
+    """The refusal rows plus the benign rows, shuffled together (new list; the inputs are untouched)."""
+    chosen = refusals + benign
     if benign:
-        chosen += benign
         random.Random(cfg.data.seed + 3).shuffle(chosen)
     return chosen
 
 
-def benign_refusal_rows(cfg: Config, words: int = 12) -> list[Example]:
+def alignment_rows(cfg: Config) -> list[Example]:
+    return mix_alignment(cfg, refusal_rows(cfg), benign_rows(cfg))
+
+
+def benign_refusal_rows(cfg: Config, refusals: list[Example], benign: list[Example], words: int = 12) -> list[Example]:
     """Each benign prompt of the alignment set with the opening (first `words` words) of a refusal
-    drawn from it: the negatives of `refusal_ul`. Short, since only the first tokens are scored."""
-    benign = benign_rows(cfg)
+    drawn from it: the negatives of `refusal_ul`. Short, since only the first tokens are scored.
+    Takes the rows `refusal_rows` / `benign_rows` gave the main stream, so the files are read once."""
     if not benign:
         raise BulwarkInputError("defense refusal_ul needs benign prompts: set data.align_benign_n > 0")
-    refusals = refusal_rows(cfg)
     pick = random.Random(cfg.data.seed + 4)
     return [Example(ex.prompt, " ".join(pick.choice(refusals).response.split()[:words]), source=ex.source,
                     input=ex.input) for ex in benign]
