@@ -49,6 +49,9 @@ def init_from_env() -> tuple[int, int]:
 
 
 def shutdown() -> None:
+    # Not bulwark.engine.dist.shutdown: importing the engine package pulls DeepSpeed into every eval.
+    # Eval's gloo groups are plain torch groups that nobody else holds, so destroying them joins their
+    # worker threads and the teardown abort that `exit_after_success` guards against cannot happen.
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
