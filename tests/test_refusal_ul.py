@@ -90,9 +90,10 @@ def test_negatives_pair_benign_prompts_with_refusal_openings(data_dir: Path) -> 
     openings = {" ".join(ex.response.split()[:12]) for ex in refusal_rows(cfg)}
     assert all(ex.response in openings and len(ex.response.split()) <= 12 for ex in negatives)
     assert sum(has_gcg_phrase(ex.response) for ex in negatives) >= len(negatives) // 2
+    no_benign = load_config(None, [f"data.dir={data_dir}", "data.align_n=30"], "align")
+    refusals, benign = refusal_rows(no_benign), benign_rows(no_benign)
     with pytest.raises(BulwarkInputError, match="align_benign_n"):
-        no_benign = load_config(None, [f"data.dir={data_dir}", "data.align_n=30"], "align")
-        benign_refusal_rows(no_benign, refusal_rows(no_benign), benign_rows(no_benign))
+        benign_refusal_rows(no_benign, refusals, benign)
 
 
 # ---- the engine against plain PyTorch ----------------------------------------------------------------

@@ -44,6 +44,7 @@ def mix_alignment(cfg: Config, refusals: list[Example], benign: list[Example]) -
 
 
 def alignment_rows(cfg: Config) -> list[Example]:
+    """The alignment mix read from the configured files (fine-tuning's alignment stream)."""
     return mix_alignment(cfg, refusal_rows(cfg), benign_rows(cfg))
 
 
