@@ -10,11 +10,15 @@ from bulwark.engine.core import (
     read_ds_config,
 )
 from bulwark.engine.dist import (
+    all_gather_cat,
+    all_gather_objects,
     all_reduce_sum,
     barrier,
     broadcast_object,
+    collective_device,
     exit_after_success,
     init_distributed,
+    reduce_sum_to,
     under_launcher,
 )
 from bulwark.engine.progress import RunLogger
@@ -22,9 +26,13 @@ from bulwark.engine.progress import RunLogger
 __all__ = [
     "Engine",
     "RunLogger",
+    "all_gather_cat",
+    "all_gather_objects",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
+    "collective_device",
+    "reduce_sum_to",
     "exit_after_success",
     "fill_ds_config",
     "gather_for_edit",

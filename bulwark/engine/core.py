@@ -85,6 +85,10 @@ def fill_ds_config(raw: dict[str, Any], train: TrainConfig, dtype: str, world_si
             zero[key] = value
     # torch AdamW / SGD: compiles nothing (DeepSpeed's fused and CPU Adam build C++ on first use).
     cfg["zero_allow_untested_optimizer"] = True
+    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
+        # DeepSpeed 0.19 refuses a client torch optimizer under optimizer offload unless told that it
+        # steps on the host itself (torch's fused AdamW does; DeepSpeedCPUAdam would compile C++ first)
+        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("steps_per_print", 1_000_000)
     return cfg
 
@@ -146,6 +150,7 @@ class Engine:
             dist_init_required=False,
         )
         self.module: torch.nn.Module = self.ds.module
+        self.device: torch.device = self.ds.device
         self._pre_step_fns: list[PreStepFn] = []
         self._extra_coordinators: dict[str, Any] = {}
         self._shard_index = {id(shard): i for i, shard in enumerate(self.local_shards())}

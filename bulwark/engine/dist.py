@@ -93,10 +93,69 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+# ---- collectives ------------------------------------------------------------------------------------
+#
+# The rule: every tensor that enters a collective lives on `collective_device()` (NCCL has no CPU
+# backend, so a CPU tensor in a collective fails at 2+ GPUs with "no backend for device type cpu").
+# These helpers take a tensor on any device, stage it on the collective device when it lives
+# elsewhere, and hand the result back on the caller's device, so callers may keep small counters on
+# the CPU. Nothing outside this file calls torch.distributed's tensor collectives. The helpers run
+# the collective at world size 1 too (a no-op in cost), so a one-GPU NCCL run exercises the same path
+# a 512-GPU one does and a CPU tensor that slipped past a helper fails there, not on the cluster.
+
+
+def collective_device() -> torch.device:
+    """Where the process group's tensors must live: this rank's GPU under NCCL, else the CPU."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _staged(tensor: torch.Tensor) -> torch.Tensor:
+    target = collective_device()
+    return tensor if tensor.device == target else tensor.to(target)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
+    """Sum `tensor` over all ranks, in place; returns it (on its own device)."""
+    if not torch.distributed.is_initialized():
+        return tensor
+    staged = _staged(tensor)
+    torch.distributed.all_reduce(staged, op=torch.distributed.ReduceOp.SUM)
+    if staged is not tensor:
+        tensor.copy_(staged)
     return tensor
+
+
+def reduce_sum_to(tensor: torch.Tensor, dst: int) -> torch.Tensor:
+    """Sum `tensor` over all ranks into rank `dst`'s copy (in place); other ranks' copies are undefined."""
+    if not torch.distributed.is_initialized():
+        return tensor
+    staged = _staged(tensor)
+    torch.distributed.reduce(staged, dst=dst, op=torch.distributed.ReduceOp.SUM)
+    if staged is not tensor:
+        tensor.copy_(staged)
+    return tensor
+
+
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` (same shape on each rank) concatenated along dim 0, rank order, on the
+    caller's device."""
+    if not torch.distributed.is_initialized():
+        return tensor
+    staged = _staged(tensor.contiguous())
+    parts = [torch.empty_like(staged) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, staged)
+    return torch.cat(parts).to(tensor.device)
+
+
+def all_gather_objects(obj: object) -> list[object]:
+    """Every rank's picklable `obj`, in rank order (torch pickles through `collective_device()` itself)."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return [obj]
+    parts: list[object] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
 
 
 def broadcast_object(obj: object, src: int = 0) -> object:

@@ -149,13 +149,13 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
     stop_at = min(cfg.train.steps, args.stop_after) if args.stop_after else cfg.train.steps
     for step in range(start, stop_at):
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(1)
+        loss_sum = torch.zeros(1, device=engine.device)  # summed on the device: one sync a step, not one a micro-batch
         for _ in range(cfg.train.grad_accum):
             batch = engine.to_device(defense.next_batch(streams, step))
             loss = defense.loss(engine, batch)
             engine.backward(loss)
             engine.step()
-            loss_sum += loss.detach().float().cpu()
+            loss_sum += loss.detach().float()
         defense.after_step(engine, step + 1)
         loss_mean = engine.all_reduce_sum(loss_sum).item() / (cfg.train.grad_accum * world_size)
         logger.log(
