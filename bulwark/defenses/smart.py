@@ -161,7 +161,10 @@ class Smart(Defense):
 
     def attach(self, engine: TrainingView) -> None:
         self.ema = [shard.detach().clone() for shard in engine.local_shards()]
-        # distinct streams per rank; the stream is saved with the checkpoint, so resume is exact
+        # drawn where the embeddings live (on a GPU a CPU draw of rows x tokens x hidden normals and
+        # its copy cost ~10% of a 1B step); distinct streams per rank, saved with the checkpoint, so
+        # resume is exact
+        self.generator = torch.Generator(device=next(engine.module.parameters()).device)
         self.generator.manual_seed(self.config.seed * 1_000_003 + engine.rank)
         embeddings = engine.module.get_input_embeddings()
         self._hidden = int(embeddings.embedding_dim)
@@ -226,7 +229,8 @@ class Smart(Defense):
         keep = mask.unsqueeze(-1).float()
         tokens = mask.size(1)
         # one draw per row: a micro-batch of 2B rows sees the same noise as two of B (grad accumulation)
-        noise = torch.stack([torch.randn(tokens, self._hidden, generator=self.generator) for _ in range(rows)])
+        noise = torch.stack([torch.randn(tokens, self._hidden, generator=self.generator, device=self.generator.device)
+                             for _ in range(rows)])
         delta = noise.to(keep.device) * cfg.noise_std * keep
         clean = None
         for _ in range(cfg.ascent_steps):

@@ -43,13 +43,14 @@ def init_distributed() -> tuple[int, int, int]:
         # DeepSpeed's CPU shared-memory all-reduce serves only inference_all_reduce, never training;
         # skipping it saves a one-time C++ build and shared-memory segments named after MASTER_PORT.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        # before the group exists: NCCL binds its communicator (and barrier()) to the current device
+        torch.cuda.set_device(local_rank)
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         atexit.register(shutdown)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank
 
 
