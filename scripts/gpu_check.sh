@@ -25,6 +25,7 @@ T0=$SECONDS
 stamp() { echo "== [$((SECONDS - T0)) s] $*"; }
 
 stamp "machine"
+command -v nvidia-smi >/dev/null || { echo "error: no NVIDIA GPU here (nvidia-smi not found): run $0 on the GPU machine"; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || exit 2
 python3 -c "import sys, torch; print(sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda)"
 
