@@ -324,6 +324,8 @@ def run_all(args: argparse.Namespace) -> None:
             case_json.unlink()
         else:
             results[case] = {"case": case, "error": tail}
+        # written after every case: a run stopped at its time limit keeps the cases it finished
+        (out_dir / "figures.json").write_text(json.dumps({"cases": results, "summary": summarize(results)}, indent=1))
         status = "ok" if ok else "FAILED"
         print(f"[{case}] {status} in {time.perf_counter() - t0:.0f} s", flush=True)
         if not ok:
