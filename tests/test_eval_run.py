@@ -200,3 +200,96 @@ def test_per_prompt_budgets_equal_separate_runs(tiny_model_dir):
         tokenizer(short[1], add_special_tokens=False)["input_ids"])
     with pytest.raises(ValueError, match="3 max_new_tokens budgets for 4 prompts"):
         generate(model, tokenizer, prompts, max_new_tokens=[2, 2, 2])
+
+
+# ---- dtype and ZeRO-3 partitioned generation ----------------------------------------------------------
+
+
+def test_dtype_and_partition_resolution(monkeypatch):
+    import torch
+
+    from bulwark.eval.device import check_partition, resolve_dtype, torch_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_dtype("auto") == resolve_dtype(None) == "fp32" and torch_dtype("auto") == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_dtype("auto") == "bf16" and torch_dtype("auto") == torch.bfloat16
+    assert resolve_dtype("FP32") == "fp32" and resolve_dtype("bf16") == "bf16"
+    with pytest.raises(BulwarkInputError, match=r"dtype.*'fp16'.*auto, fp32, bf16"):
+        resolve_dtype("fp16")
+    assert check_partition(None) == "none" and check_partition("zero3") == "zero3"
+    with pytest.raises(BulwarkInputError, match=r"partition.*'zero2'"):
+        check_partition("zero2")
+
+
+def test_bf16_eval_on_cpu(tiny_model_dir, data_dir, tmp_path):
+    import torch
+
+    from bulwark.eval.generate import load_for_generation
+
+    model, _ = load_for_generation(tiny_model_dir, "bf16")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    summary = run_eval(tiny_model_dir, out_dir=tmp_path / "bf16", n_prompts=3, judge="keyword", n_benign=1,
+                       max_new_tokens=3, batch_size=2, dtype="bf16", data_dir=data_dir, log=lambda m: None)
+    assert summary is not None and summary["dtype"] == "bf16" and summary["partition"] == "none"
+    assert summary["n_harmful"] == 3 and len(_jsonl(tmp_path / "bf16" / "generations" / "generations.jsonl")) == 4
+
+
+def test_bad_dtype_partition_and_zero3_adapter_are_one_line_errors(app, tiny_model_dir, data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--dtype", "fp16", "--judge", "keyword"])
+    assert result.exit_code == 2 and "error:" in result.output and "dtype" in result.output
+    result = runner.invoke(app, ["eval", str(tiny_model_dir), "--partition", "zero2", "--judge", "keyword"])
+    assert result.exit_code == 2 and "partition" in result.output
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(tiny_model_dir)}))
+    with pytest.raises(BulwarkInputError, match="adapter folder.*--zero3"):
+        run_eval(adapter, out_dir=tmp_path / "o", judge="keyword", partition="zero3", data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def decisive_model_dir(tmp_path_factory) -> Path:
+    """The tiny Llama with its matrices scaled up: greedy outputs differ from prompt to prompt and are
+    printable text (the stock tiny model answers every prompt with newlines, which strip to "")."""
+    import torch
+
+    from bulwark.models import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(25)
+    path = tmp_path_factory.mktemp("decisive") / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_zero3_two_ranks_equal_plain_one_process(decisive_model_dir, data_dir, tmp_path):
+    """ZeRO-3 at 2 gloo ranks (one decoder layer gathered at a time, synced generate, rank 1's share
+    padded with a throw-away batch) gives the same greedy answers as one plain fp32 process."""
+    from tests.conftest import check, torchrun
+
+    args = dict(n_prompts=3, n_benign=0, task="sst2", n_task=2, judge="keyword", max_new_tokens=20)
+    plain = run_eval(decisive_model_dir, out_dir=tmp_path / "plain", batch_size=4, dtype="fp32",
+                     data_dir=data_dir, log=lambda m: None, **args)
+    assert plain is not None
+    out = tmp_path / "zero3"
+    proc = torchrun(["-m", "bulwark.eval.run", str(decisive_model_dir), "--out-dir", str(out), "--zero3",
+                     "--dtype", "fp32", "--batch-size", "2", "--n-prompts", "3", "--n-benign", "0",
+                     "--task", "sst2", "--n-task", "2", "--judge", "keyword", "--max-new-tokens", "20"],
+                    nproc=2, data_dir=data_dir, timeout=180)
+    check(proc)
+    expected = _jsonl(tmp_path / "plain" / "generations" / "generations.jsonl")
+    got = _jsonl(out / "generations" / "generations.jsonl")
+    assert [r["output"] for r in got] == [r["output"] for r in expected]
+    assert len({r["output"] for r in expected}) == 5 and all(r["output"] for r in expected)
+    # 5 prompts at batch size 2: rank 0 runs 2 batches, rank 1 one batch and one throw-away batch
+    assert len(_jsonl(out / "generations" / "rows.rank0.jsonl")) == 3
+    assert len(_jsonl(out / "generations" / "rows.rank1.jsonl")) == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["partition"], summary["dtype"], summary["world_size"]) == ("zero3", "fp32", 2)

@@ -216,6 +216,26 @@ def test_hf_causal_lm_guard_style_runs(tiny_model_dir):
     assert len(verdicts) == 1 and verdicts[0].label in ("safe", "unsafe")
 
 
+def test_hf_judge_device_dtype_and_batches(tiny_model_dir, monkeypatch):
+    """fp32 on the CPU with the CPU batch size by default; bf16 on request gives the same verdict count,
+    batched (3 pairs at batch size 2 = two forwards)."""
+    import torch
+
+    from bulwark.eval import judges
+
+    judge = get_judge(f"hf:{tiny_model_dir}")
+    assert judge.device.type == "cpu" and judge.batch_size == judges.HF_JUDGE_BATCH_SIZE_CPU
+    assert next(judge.model.parameters()).dtype == torch.float32
+    half = judges.HFJudge(tiny_model_dir, batch_size=2, dtype="bf16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    calls = []
+    real = half._generate
+    monkeypatch.setattr(half, "_generate", lambda p, r: calls.append(len(p)) or real(p, r))
+    assert len(half.judge(["a", "b", "c"], ["x", "y", "z"])) == 3 and calls == [2, 1]
+    with pytest.raises(BulwarkInputError, match="dtype"):
+        judges.HFJudge(tiny_model_dir, dtype="fp16")
+
+
 def test_hf_judge_on_a_folder_without_config(tmp_path):
     with pytest.raises(BulwarkInputError, match="no config.json"):
         get_judge(f"hf:{tmp_path}")

@@ -140,6 +140,46 @@ def test_gradients_accumulate_and_restored_stay_out(models_dir: Path) -> None:
     assert_a_or_b(models_dir, state_of(restorer), both)
 
 
+def test_collectives_at_world_size_1_change_nothing(models_dir: Path) -> None:
+    """The device-correct path: with a process group of one rank, every reduce, gather and count goes
+    through bulwark.engine's collective helpers (which run the collective at world size 1 too); the
+    selection, summed gradients and written weights are exactly those of a run without a group. The state
+    lives on the weights' device (the CPU here; tests/test_gpu_recover.py covers CUDA)."""
+    from bulwark.engine.dist import free_port
+    from bulwark.recover.hidden import weights_device
+
+    cfg = restore_cfg(rollback_fraction=0.5)
+    batches = make_batches(prompts(), 2, cfg.micro_batch_size)
+    d_harm = direction_of(models_dir, "A", cfg)
+
+    def two_steps() -> tuple[Restorer, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        restorer = make_restorer(models_dir, cfg)
+        d_benign = restorer.direction(batches[::-1])
+        picks = [restorer.restore_step(batches, d_harm)[1] for _ in range(2)]
+        restorer.rollback_step(batches[::-1], d_benign, picks[-1])
+        return restorer, picks, restorer.gather_masks(restorer.snapshot())
+
+    plain, plain_picks, plain_masks = two_steps()
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        grouped, grouped_picks, grouped_masks = two_steps()
+    finally:
+        torch.distributed.destroy_process_group()
+    assert grouped.device == weights_device(grouped.model) == torch.device("cpu")
+    for own in grouped.owned.values():
+        assert {own.a.device, own.grad.device, own.restored.device} == {grouped.device}
+    for mine, theirs in zip(plain_picks, grouped_picks, strict=True):
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
+    assert plain_masks.keys() == grouped_masks.keys()
+    assert all(torch.equal(plain_masks[n], grouped_masks[n]) and plain_masks[n].device.type == "cpu"
+               for n in plain_masks)
+    for name, own in plain.owned.items():
+        assert torch.equal(own.grad, grouped.owned[name].grad), name
+    state, grouped_state = state_of(plain), state_of(grouped)
+    assert all(torch.equal(state[n], grouped_state[n]) for n in state)
+
+
 # ---- rollback and checkpoints -------------------------------------------------------------------------------
 
 

@@ -63,19 +63,27 @@ def eval_command(
     n_benign: int = typer.Option(None, help="benign AlpacaEval prompts for over-refusal [default: 100]"),
     template: str = typer.Option(None, help="chat | alpaca [default: chat]"),
     max_new_tokens: int = typer.Option(None, help="[default: 128]"),
-    batch_size: int = typer.Option(None, help="[default: 16]"),
+    batch_size: int = typer.Option(None, help="prompts per generate() call [default: 32]"),
+    dtype: str = typer.Option(None, help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 [default: auto]"),
+    partition: str = typer.Option(None, help="none (a model replica per rank) | zero3 [default: none]"),
+    zero3: bool = typer.Option(False, "--zero3", help="partition the model over the ranks with ZeRO-3 "
+                                                      "(for a model that does not fit one GPU; = --partition zero3)"),
     data_dir: str = typer.Option(None, help="data folder [default: $BULWARK_DATA_DIR]"),
     fa_judge: str = typer.Option(None, help="hf:<path> causal LM judging AlpacaEval win rate"),
     meta: list[str] = typer.Option(None, help="KEY=VALUE for the summary key: stage, defense, p, n, seed (repeatable)"),
     nproc: int = typer.Option(None, help="ranks to generate with (spawns torchrun when > 1) [default: 1]"),
 ) -> None:
     """Harmful score (HS, HS+), over-refusal and fine-tune accuracy of one model."""
+    from bulwark.eval.device import check_partition, resolve_dtype
     from bulwark.eval.run import parse_meta, run_eval
 
     try:
+        if zero3 and partition not in (None, "zero3"):
+            raise BulwarkInputError(f"--zero3 and --partition {partition} contradict each other; give one")
         given = {"out_dir": out_dir, "prompt_set": prompt_set, "n_prompts": n_prompts, "judge": judge,
                  "refusal_judge": refusal_judge, "task": task, "n_task": n_task, "n_benign": n_benign,
                  "template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+                 "dtype": dtype, "partition": "zero3" if zero3 else partition,
                  "data_dir": data_dir, "fa_judge": fa_judge, "nproc": nproc}
         options: dict[str, Any] = {}
         if model.endswith((".yaml", ".yml")):
@@ -87,7 +95,11 @@ def eval_command(
         options["meta"] = {**(options.get("meta") or {}), **parse_meta(meta or [])}
         options.setdefault("out_dir", str(Path(model) / "eval"))
         world = int(options.pop("nproc", 1) or 1)
-        if world > 1 and "LOCAL_RANK" not in os.environ:
+        resolve_dtype(options.get("dtype"))  # bad values fail here, before any process starts
+        partitioned = check_partition(options.get("partition")) == "zero3"
+        # ZeRO-3 runs in torchrun ranks even at world size 1: DeepSpeed and its process group stay out
+        # of this process, and each rank ends through the engine's clean exit.
+        if (world > 1 or partitioned) and "LOCAL_RANK" not in os.environ:
             raise typer.Exit(_spawn_torchrun(model, options, world))
         summary = run_eval(model, **options)
     except BulwarkInputError as exc:

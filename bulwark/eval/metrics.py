@@ -130,12 +130,13 @@ PAIRWISE_TEMPLATE = (
 
 
 def alpaca_eval_win_rate(instructions: Sequence[str], outputs: Sequence[str], references: Sequence[str],
-                         judge: str | None, batch_size: int = 4) -> tuple[float | None, str]:
+                         judge: str | None, batch_size: int | None = None) -> tuple[float | None, str]:
     """(win rate in percent of the model's outputs over the references, note).
 
     `judge` is "hf:<path>" to a local causal LM; each pair is asked twice with the order swapped and
     the model wins a pair by the mean preference (the next-token probability of its letter); ties are
-    half a win. Without a judge: (None, SKIPPED_NEEDS_JUDGE).
+    half a win. Without a judge: (None, SKIPPED_NEEDS_JUDGE). `batch_size` pairs per forward (default
+    16 on a GPU, 4 on the CPU).
     """
     if not judge:
         return None, SKIPPED_NEEDS_JUDGE
@@ -149,8 +150,13 @@ def alpaca_eval_win_rate(instructions: Sequence[str], outputs: Sequence[str], re
     path = Path(judge[3:]).expanduser()
     if not (path / "config.json").is_file():
         raise BulwarkInputError(f"AlpacaEval judge {judge}: {path} has no config.json; give a causal LM folder")
+    from bulwark.eval.device import local_device, torch_dtype
+
+    device = local_device()  # bf16 on a GPU, fp32 on the CPU ("auto"), as for the hf: judges
+    if batch_size is None:
+        batch_size = 16 if device.type == "cuda" else 4
     tok = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype("auto")).to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -159,7 +165,7 @@ def alpaca_eval_win_rate(instructions: Sequence[str], outputs: Sequence[str], re
 
     def prefer_first(pairs: list[tuple[str, str, str]]) -> list[float]:
         texts = [PAIRWISE_TEMPLATE.format(instruction=i, a=a, b=b) for i, a, b in pairs]
-        batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=1024)
+        batch = tok(texts, return_tensors="pt", padding=True, truncation=True, max_length=1024).to(device)
         with torch.inference_mode():
             logits = model(**batch).logits[:, -1, :].float()
         two = torch.softmax(logits[:, [letter_a, letter_b]], dim=-1)

@@ -14,6 +14,8 @@ Rank 0 then judges and writes into out_dir (every file written to a temporary na
 
 Run in process (world size 1) with run_eval(...), or across ranks:
   torchrun --nproc_per_node 2 -m bulwark.eval.run MODEL_DIR --out-dir OUT [options]
+`dtype` (auto: bf16 on GPU, fp32 on CPU) and `partition` (none: a replica per rank; zero3: the model
+partitioned over the ranks, for one that does not fit a GPU) are described in generate.py.
 """
 
 from __future__ import annotations
@@ -101,6 +103,8 @@ def run_eval(
     template: str = "chat",
     max_new_tokens: int = 128,
     batch_size: int = GENERATE_BATCH_SIZE,
+    dtype: str = "auto",
+    partition: str = "none",
     data_dir: str | Path | None = None,
     fa_judge: str | None = None,
     meta: dict | None = None,
@@ -113,19 +117,34 @@ def run_eval(
                    (refusal, keyword), else keyword
     task           sst2 | agnews | gsm8k | alpaca_eval | None; n_task rows of its test set (None: all)
     fa_judge       hf:<path> of a causal LM for AlpacaEval's win rate (skipped without one)
+    dtype          auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16: the generating model's dtype
+    partition      none (a whole replica per rank) | zero3 (partitioned over the ranks; every rank must
+                   call run_eval)
     meta           run identity for the summary key: model, stage, defense, p, n, seed (missing -> null)
     """
     from bulwark.data.readers import resolve_data_dir
-    from bulwark.eval.generate import check_model_path, dist_info, generate_sharded
+    from bulwark.eval.device import check_partition, resolve_dtype
+    from bulwark.eval.generate import check_model_path, dist_info, generate_sharded, init_from_env
     from bulwark.eval.judges import LEARNED_KINDS, check_judge_name, judges_root
 
     started = time.time()
     meta = dict(meta or {})
     out = Path(out_dir).expanduser()
-    rank, world = dist_info()
 
     # ---- validate everything cheap before any model is loaded
-    check_model_path(model_path)
+    dtype = resolve_dtype(dtype)
+    partition = check_partition(partition)
+    if batch_size < 1 or max_new_tokens < 1:
+        raise BulwarkInputError(f"batch_size ({batch_size}) and max_new_tokens ({max_new_tokens}) must be at least 1")
+    checked = check_model_path(model_path)
+    if partition == "zero3":
+        from bulwark.models import is_adapter_dir
+
+        if is_adapter_dir(str(checked)):
+            raise BulwarkInputError(
+                f"model {checked}: a LoRA adapter folder; --zero3 (partition: zero3) loads a full model folder: "
+                "evaluate the run's merged export (config.json), or drop --zero3 if base + adapter fit one GPU"
+            )
     check_judge_name(judge)
     if task is not None and task not in TASK_SOURCES:
         raise BulwarkInputError(f"unknown task '{task}'; choose one of: {', '.join(TASK_SOURCES)} (or none)")
@@ -140,6 +159,8 @@ def run_eval(
             )
     if refusal_judge is not None:
         check_judge_name(refusal_judge)
+    # ZeRO-3 needs the engine's process group before anything asks for rank and world
+    rank, world = init_from_env("zero3") if partition == "zero3" else dist_info()
 
     # ---- the prompts
     harmful = _load(_prompt_source(prompt_set), "prompt_only", folder, n_prompts, f"prompt set '{prompt_set}'")
@@ -159,9 +180,11 @@ def run_eval(
     def render(item: dict, tokenizer: Any) -> str:
         return render_prompt(Example(item["prompt"], "", input=item["input"] or ""), template, tokenizer)
 
-    log(f"generating {len(items)} answers ({len(harmful)} harmful prompts) with {world} rank(s)")
+    log(f"generating {len(items)} answers ({len(harmful)} harmful prompts) with {world} rank(s), {dtype}"
+        + (", ZeRO-3 partitioned" if partition == "zero3" else ""))
     rows = generate_sharded(model_path, items, render, out / "generations" / "generations.jsonl",
-                            max_new_tokens=max_new_tokens, batch_size=batch_size, log=log)
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                            partition=partition, log=log)
     if rank != 0 or rows is None:
         return None
     gen_seconds = time.time() - started
@@ -174,6 +197,8 @@ def run_eval(
         "template": template,
         "max_new_tokens": max_new_tokens,
         "world_size": world,
+        "dtype": dtype,
+        "partition": partition,
         "generate_seconds": round(gen_seconds, 1),
         "seconds": round(time.time() - started, 1),
         "meta": meta,
@@ -330,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default="chat")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=GENERATE_BATCH_SIZE)
+    parser.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16")
+    parser.add_argument("--partition", default="none", help="none | zero3")
+    parser.add_argument("--zero3", dest="partition", action="store_const", const="zero3",
+                        help="same as --partition zero3")
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--fa-judge", default=None)
     parser.add_argument("--meta", action="append", default=[], help="KEY=VALUE for the summary key (repeatable)")
@@ -338,21 +367,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point under torchrun or a plain python; bad input prints one line and returns 2."""
+    from bulwark.eval.device import check_partition
     from bulwark.eval.generate import init_from_env, shutdown
 
     args = build_parser().parse_args(argv)
-    rank, _ = init_from_env()
     try:
+        partition = check_partition(args.partition)
+        rank, _ = init_from_env(partition)
         run_eval(args.model, out_dir=args.out_dir, prompt_set=args.prompt_set, n_prompts=args.n_prompts,
                  judge=args.judge, refusal_judge=args.refusal_judge, task=args.task, n_task=args.n_task,
                  n_benign=args.n_benign, template=args.template, max_new_tokens=args.max_new_tokens,
-                 batch_size=args.batch_size, data_dir=args.data_dir, fa_judge=args.fa_judge,
-                 meta=parse_meta(args.meta), log=_log if rank == 0 else (lambda _m: None))
+                 batch_size=args.batch_size, dtype=args.dtype, partition=partition, data_dir=args.data_dir,
+                 fa_judge=args.fa_judge, meta=parse_meta(args.meta),
+                 log=_log if rank == 0 else (lambda _m: None))
     except BulwarkInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    finally:
         shutdown()
+        return 2
+    except BaseException:
+        shutdown()
+        raise
+    if partition == "zero3":
+        # DeepSpeed keeps process groups of its own whose gloo threads can abort a finished process at
+        # interpreter exit (see bulwark.engine.dist.exit_after_success): leave at once, exit code 0.
+        from bulwark.engine.dist import exit_after_success
+
+        exit_after_success()
+    shutdown()
     return 0
 
 

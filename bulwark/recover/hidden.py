@@ -15,6 +15,10 @@ whole (the embeddings and the other weights outside the decoder layers are gathe
 forward). Forward and backward loop over layers outside and batches inside: one gather per layer and step,
 and every rank gathers the same layers in the same order whatever its number of batches.
 
+Device: every tensor made here (batches moved for a forward, hidden-state sums, per-layer gradient sums)
+lives on the device the model's weights live on (`weights_device`): this rank's GPU for a ZeRO-3 model under
+NCCL or a plain model moved there, else the CPU. Batches are built on the CPU once and moved per forward.
+
 Prompts are right-padded (a causal model's real tokens never see the padding after them, and positions
 stay those of the unpadded prompt); the last real token of each row is read at `Batch.last`.
 Micro-batches have a fixed composition, independent of the number of ranks: a rank takes batches
@@ -30,6 +34,7 @@ from typing import Any
 import torch
 
 from bulwark.engine import all_reduce_sum
+from bulwark.engine.core import is_partitioned
 from bulwark.engine.partitioned import gathered
 
 
@@ -38,6 +43,20 @@ class Batch:
     input_ids: torch.Tensor  # [rows, width], right-padded
     attention_mask: torch.Tensor  # [rows, width], 1 on real tokens
     last: torch.Tensor  # [rows], index of each row's last real token
+
+    def to(self, device: torch.device) -> Batch:
+        """This batch on `device` (itself when it is already there)."""
+        if self.input_ids.device == device:
+            return self
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.last.to(device))
+
+
+def weights_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's weights live: a ZeRO-3 parameter's own slice (its `data` is an empty placeholder
+    outside a gather), else the first parameter's device."""
+    for param in model.parameters():
+        return param.ds_tensor.device if is_partitioned(param) else param.device
+    return torch.device("cpu")
 
 
 def prompt_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
@@ -104,6 +123,7 @@ class LayerwiseModel:
         if not 1 <= layer <= len(self.layers):
             raise ValueError(f"layer {layer} outside 1..{len(self.layers)}")
         self.layer, self.lowest = layer, lowest
+        self.device = weights_device(model)
         inside = {id(p) for p in self.layers.parameters()}
         self.outer_params = [p for p in model.parameters() if id(p) not in inside]
 
@@ -142,6 +162,7 @@ class LayerwiseModel:
         Layer by layer over all batches: each layer is gathered once, and a rank with fewer (or no)
         batches gathers exactly what the others do (gathers are collectives under ZeRO-3).
         """
+        batches = [batch.to(self.device) for batch in batches]
         with gathered(self.outer_params):
             starts = [self._layer_inputs(batch) for batch in batches]
         passes = [_Pass(batch, {}, args, kwargs) for batch, (_, args, kwargs) in zip(batches, starts, strict=True)]
@@ -152,13 +173,13 @@ class LayerwiseModel:
                     if i >= self.lowest:
                         p.inputs[i] = hiddens[j]
                     hiddens[j] = self._run_layer(i, hiddens[j], p)
-        lasts = [h[torch.arange(h.shape[0]), p.batch.last] for h, p in zip(hiddens, passes, strict=True)]
+        lasts = [h[torch.arange(h.shape[0], device=h.device), p.batch.last] for h, p in zip(hiddens, passes, strict=True)]
         return passes, lasts
 
     def mean_last_hidden(self, batches: list[Batch], total_rows: int) -> tuple[list[_Pass], torch.Tensor]:
         """This rank's passes and the mean last-token hidden state over every rank's batches (float64)."""
         passes, lasts = self.forward(batches)
-        total = torch.zeros(self._hidden_size(), dtype=torch.float64)
+        total = torch.zeros(self._hidden_size(), dtype=torch.float64, device=self.device)
         for last in lasts:  # batch by batch, in batch order
             total += last.double().sum(dim=0)
         return passes, all_reduce_sum(total) / total_rows
@@ -181,13 +202,14 @@ class LayerwiseModel:
             params = list(self.layers[i].parameters())
             names = wanted.get(i, [])
             with gathered(params), torch.enable_grad():
-                sums = {name: torch.zeros(p.shape, dtype=torch.float64) for name, p in names}  # whole shapes here
+                # whole shapes here (gathered); on the weights' device, as the grads they sum
+                sums = {name: torch.zeros(p.shape, dtype=torch.float64, device=self.device) for name, p in names}
                 for j, p in enumerate(passes):
                     hidden_in = p.inputs[i].detach().requires_grad_(True)
                     out = self._run_layer(i, hidden_in, p)
                     if grads_out[j] is None:  # the top layer: the seed at each row's last token
                         grad = torch.zeros_like(out)
-                        grad[torch.arange(out.shape[0]), p.batch.last] = seed.to(out.dtype)
+                        grad[torch.arange(out.shape[0], device=out.device), p.batch.last] = seed.to(out.device, out.dtype)
                     else:
                         grad = grads_out[j]
                     out.backward(grad)

@@ -25,6 +25,12 @@ Ranks: the prompts' micro-batches are split across ranks; each chosen weight has
 the number of ranks. The top-k is exact across ranks: each rank offers its k best, the k-th best overall
 is the threshold, and elements tied with it are taken in (weight order, element order), so the selection
 is the same at every world size.
+
+Device: the owned state (A and B values, sign masks, gradient sums, restored masks), the scores and every
+counter live on the device the weights live on (`hidden.weights_device`: the GPU when the model is there);
+collectives go through bulwark.engine's helpers, which stage on the process group's device. Tensors leave
+the device only to be pickled for another rank (`broadcast_object`) and as the final restored indices,
+which go to the model writer on the CPU.
 """
 
 from __future__ import annotations
@@ -37,12 +43,12 @@ from typing import Any
 
 import torch
 
-from bulwark.engine import all_reduce_sum, broadcast_object
+from bulwark.engine import all_gather_cat, all_reduce_sum, broadcast_object, reduce_sum_to
 from bulwark.engine.partitioned import full_numel, set_elements
 from bulwark.errors import BulwarkInputError
 from bulwark.recover.checkpoints import TensorStore
 from bulwark.recover.config import RestoreConfig
-from bulwark.recover.hidden import Batch, LayerwiseModel, count_rows, local_batches
+from bulwark.recover.hidden import Batch, LayerwiseModel, count_rows, local_batches, weights_device
 
 TaskMetric = Callable[[torch.nn.Module], float]  # higher is better; called on every rank, same answer on all
 LogFn = Callable[[dict[str, Any]], None]
@@ -82,7 +88,7 @@ def chosen_weights(
 def cosine_seed(mean: torch.Tensor, direction: torch.Tensor, rows: int) -> tuple[float, torch.Tensor]:
     """(cos(mean, direction), d(-cos)/d(one row's hidden state)) for a mean over `rows` rows."""
     m = mean.detach().clone().requires_grad_(True)
-    loss = -torch.nn.functional.cosine_similarity(m, direction.double(), dim=0)
+    loss = -torch.nn.functional.cosine_similarity(m, direction.to(m.device, torch.float64), dim=0)
     loss.backward()
     return -loss.item(), m.grad / rows
 
@@ -96,19 +102,10 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _reduce_to(tensor: torch.Tensor, owner: int) -> None:
-    rank, world = _world()
-    if world > 1:
-        torch.distributed.reduce(tensor, dst=owner)
-
-
-def _all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    _, world = _world()
-    if world == 1:
-        return tensor
-    parts = [torch.empty_like(tensor) for _ in range(world)]
-    torch.distributed.all_gather(parts, tensor)
-    return torch.cat(parts)
+def _for_pickle(edits: dict[str, Any]) -> dict[str, Any]:
+    """`edits` with every tensor on the CPU: a pickled CUDA tensor would unpickle onto the sender's GPU on
+    the receiving rank."""
+    return {name: tuple(t.cpu() for t in v) if isinstance(v, tuple) else v.cpu() for name, v in edits.items()}
 
 
 # ---- state ----------------------------------------------------------------------------------------------
@@ -151,6 +148,7 @@ class Restorer:
         self.rank, self.world = _world()
         self.layer, self.lowest, chosen = chosen_weights(model, cfg)
         self.runner = LayerwiseModel(model, self.layer, self.lowest)
+        self.device = weights_device(model)
         self.names = [name for _, name, _ in chosen]
         self.params = {name: p for _, name, p in chosen}
         self.by_layer: dict[int, list[tuple[str, torch.nn.Parameter]]] = {}
@@ -168,13 +166,14 @@ class Restorer:
         for name in self.names:
             if self.owner[name] != self.rank:
                 continue
-            a, b = aligned.get(name).float().flatten(), finetuned.get(name).float().flatten()
+            a = aligned.get(name).to(self.device).float().flatten()
+            b = finetuned.get(name).to(self.device).float().flatten()
             if a.numel() != full_numel(self.params[name]):
                 raise ValueError(f"{name}: {a.numel()} elements in the aligned model, model has "
                                  f"{full_numel(self.params[name])}")
             self.owned[name] = Owned(self.params[name], a, b, b > a, b < a,
-                                     torch.zeros(a.numel(), dtype=torch.float64),
-                                     torch.zeros(a.numel(), dtype=torch.bool))
+                                     torch.zeros(a.numel(), dtype=torch.float64, device=self.device),
+                                     torch.zeros(a.numel(), dtype=torch.bool, device=self.device))
 
     # ---- gradients ---------------------------------------------------------------------------------
 
@@ -191,7 +190,7 @@ class Restorer:
         out: dict[str, torch.Tensor] = {}
         for _, sums in self.runner.weight_grads(passes, seed, self.by_layer):
             for name, grad in sums.items():  # one weight at a time to its owner
-                _reduce_to(grad, self.owner[name])
+                reduce_sum_to(grad, self.owner[name])
                 if name in self.owned:
                     out[name] = grad.flatten()
         return cos, out
@@ -216,7 +215,7 @@ class Restorer:
             if pooled >= 4 * k:
                 best = torch.topk(torch.cat(pool), k).values
                 pool, pooled, floor = [best], k, float(best[-1])
-        merged = torch.cat(pool) if pool else torch.empty(0, dtype=torch.float64)
+        merged = torch.cat(pool) if pool else torch.empty(0, dtype=torch.float64, device=self.device)
         return torch.topk(merged, min(k, merged.numel())).values
 
     def top_k(self, scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -226,22 +225,25 @@ class Restorer:
         Returns {owned name: flat indices}.
         """
         best = self._local_top(scores, k)
-        n_local = sum(int((s >= 0).sum()) for s in scores.values())
-        offered = torch.full((k,), -1.0, dtype=torch.float64)
+        n_local = torch.zeros(1, dtype=torch.float64, device=self.device)
+        for s in scores.values():  # summed on the device: one host sync below, not one per weight
+            n_local += (s >= 0).sum()
+        offered = torch.full((k,), -1.0, dtype=torch.float64, device=self.device)
         offered[: best.numel()] = best
-        n_candidates = all_reduce_sum(torch.tensor([float(n_local)], dtype=torch.float64))
+        n_candidates = all_reduce_sum(n_local)
         if n_candidates.item() <= k:  # k or fewer candidates in all: take them all
             return {n: torch.nonzero(s >= 0).flatten() for n, s in scores.items()}
-        threshold = torch.topk(_all_gather(offered), k).values[-1]
+        threshold = torch.topk(all_gather_cat(offered), k).values[-1]
         hits: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (indices above, indices tied)
-        counts = torch.zeros((len(self.names), 2), dtype=torch.float64)
+        local_counts = [[0, 0] for _ in self.names]
         for j, name in enumerate(self.names):
             if name in scores:  # one pass over the weight; the rest works on the few hits
                 idx = torch.nonzero(scores[name] >= threshold).flatten()
                 values = scores[name][idx]
                 hits[name] = (idx[values > threshold], idx[values == threshold])
-                counts[j, 0], counts[j, 1] = hits[name][0].numel(), hits[name][1].numel()
-        counts = all_reduce_sum(counts)
+                local_counts[j] = [hits[name][0].numel(), hits[name][1].numel()]
+        # one copy to the device and, after the reduce, one back: the tie walk below reads Python numbers
+        counts = all_reduce_sum(torch.tensor(local_counts, dtype=torch.float64, device=self.device)).cpu()
         ties_left = k - int(counts[:, 0].sum())
         chosen: dict[str, torch.Tensor] = {}
         for j, name in enumerate(self.names):
@@ -267,7 +269,10 @@ class Restorer:
             mine[name] = (idx, (own.a if to_a else own.b)[idx])
         everything: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for src in range(self.world):
-            part = broadcast_object(mine if src == self.rank else None, src) if self.world > 1 else mine
+            if self.world == 1:
+                part = mine
+            else:
+                part = broadcast_object(_for_pickle(mine) if src == self.rank else None, src)
             everything.update(part)
         counts = {}
         for name in self.names:
@@ -297,10 +302,10 @@ class Restorer:
     def rollback_step(self, task: list[Batch], d_benign: torch.Tensor,
                       just_restored: dict[str, torch.Tensor]) -> tuple[float, dict[str, int]]:
         cos, grads = self.gradient(task, d_benign)
-        scores, n_candidates = {}, torch.zeros(1, dtype=torch.float64)
+        scores, n_candidates = {}, torch.zeros(1, dtype=torch.float64, device=self.device)
         for name, own in self.owned.items():
             score = torch.full_like(own.grad, -1.0)
-            idx = just_restored.get(name, torch.empty(0, dtype=torch.long))
+            idx = just_restored.get(name, torch.empty(0, dtype=torch.long, device=self.device))
             diff = own.a[idx] - own.b[idx]  # W - B where W was just set to A
             g = grads[name][idx]
             agree = (torch.sign(diff) == torch.sign(g)) & (diff != 0)
@@ -322,8 +327,9 @@ class Restorer:
         return {name: own.restored.clone() for name, own in self.owned.items()}
 
     def gather_masks(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """{name: restored flat indices} of every weight, on every rank."""
-        mine = {name: torch.nonzero(m).flatten() for name, m in masks.items()}
+        """{name: restored flat indices} of every weight, on every rank, on the CPU (they go to the model
+        writer, which edits CPU tensors read from safetensors)."""
+        mine = {name: torch.nonzero(m).flatten().cpu() for name, m in masks.items()}
         out: dict[str, torch.Tensor] = {}
         for src in range(self.world):
             out.update(broadcast_object(mine if src == self.rank else None, src) if self.world > 1 else mine)

@@ -153,6 +153,8 @@ def _init_ranks(cfg: RecoverConfig) -> tuple[int, int]:
         rank, world, _ = init_distributed()  # through DeepSpeed: zero.Init reads its process group
         return rank, world
     if world > 1 and not torch.distributed.is_initialized():
+        if torch.cuda.is_available():  # NCCL stages collectives on the current device: this rank's GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         from bulwark.engine.dist import shutdown
 
@@ -260,6 +262,7 @@ def _merged_finetuned(cfg: RecoverConfig, inputs: Inputs, out: Path, rank: int) 
 
 def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank: int, world: int,
              metric: Any) -> dict[str, Any] | None:
+    from bulwark.engine.dist import device
     from bulwark.engine.partitioned import gathered_per_module, load_partitioned
     from bulwark.models import load_model, load_tokenizer
     from bulwark.recover.checkpoints import TensorStore, write_model
@@ -271,9 +274,11 @@ def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank:
     zero3 = use_zero3(cfg, world)
 
     def load(folder: Path) -> torch.nn.Module:
-        # ZeRO-3: each rank holds its slice of every weight; else a whole replica per rank
-        model = load_partitioned(folder, cfg.dtype, cfg.launch.ds_config) if zero3 else load_model(str(folder), cfg.dtype)
-        return model.eval()
+        # ZeRO-3: each rank holds its slice of every weight, already on its device (zero.Init places the
+        # slices on the accelerator); else a whole replica per rank, moved to this rank's GPU when there is one
+        if zero3:
+            return load_partitioned(folder, cfg.dtype, cfg.launch.ds_config).eval()
+        return load_model(str(folder), cfg.dtype).to(device()).eval()
 
     def per_module(score: Any) -> Any:
         # a whole-model forward or generate on a partitioned model gathers one module at a time
@@ -304,6 +309,8 @@ def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank:
     runner = LayerwiseModel(model_a, layer, lowest)
     _, d_harm = runner.mean_last_hidden(local_batches(harmful, rank, world), count_rows(harmful))
     del model_a, runner
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # A's memory goes back before B is loaded beside it
 
     model = load(finetuned)
     restorer = Restorer(model, TensorStore(inputs.aligned, "aligned model"), TensorStore(finetuned, "fine-tuned model"),

@@ -19,6 +19,11 @@ top of the aligned model: bulwark's "double" LoRA) or a full model folder. Outpu
 an HF folder (LoRA: the aligned model plus every layer's kept or projected update, and the projected
 adapter beside it; full: the fine-tuned model with the projected layers set to W_aligned + C dW).
 Cheap (one matrix product per layer), so it runs in one process.
+
+Device: the matrix products run on `bulwark.engine.dist.device()` (this process's GPU when there is one,
+else the CPU): each layer's tensors are read from safetensors on the CPU, moved there, and the result comes
+back to the CPU only to be written. The helpers below (`projection_matrix`, `similarity`, `decide`) work on
+whatever device their inputs are on.
 """
 
 from __future__ import annotations
@@ -104,8 +109,10 @@ def run_safelora(base: Path, aligned: Path, finetuned: Path, out_dir: Path, thre
 
     Streams tensor by tensor: no model is ever whole in memory, only one shard of the one being written.
     """
+    from bulwark.engine.dist import device
     from bulwark.models import is_adapter_dir
 
+    dev = device()
     store_base = TensorStore(base, "base model")
     decisions: list[LayerDecision] = []
     if is_adapter_dir(finetuned):
@@ -118,16 +125,17 @@ def run_safelora(base: Path, aligned: Path, finetuned: Path, out_dir: Path, thre
             if name not in pairs:
                 return weight
             a_key, b_key = pairs[name]
-            lora_a, lora_b = tensors[a_key].float(), tensors[b_key].float()
-            v = weight.float() - store_base.get(name).float()
+            lora_a, lora_b = tensors[a_key].to(dev).float(), tensors[b_key].to(dev).float()
+            w_aligned = weight.to(dev).float()
+            v = w_aligned - store_base.get(name).to(dev).float()
             update = scale * (lora_b @ lora_a)
             if v.shape != update.shape:
                 raise BulwarkInputError(f"{name}: LoRA update {list(update.shape)} vs weight {list(v.shape)}")
             used, cos, projected = decide(v, update, threshold)
             if projected:  # C (s B A) = s (C B) A: the adapter keeps its rank
-                tensors[b_key] = (projection_matrix(v) @ lora_b).to(tensors[b_key].dtype)
+                tensors[b_key] = (projection_matrix(v) @ lora_b).to("cpu", tensors[b_key].dtype)
             decisions.append(LayerDecision(name, cos, projected))
-            return (weight.float() + used).to(weight.dtype)
+            return (w_aligned + used).to("cpu", weight.dtype)  # to the shard being written
 
         write_model(aligned, out_dir / "model", with_lora)
         missing = sorted(set(pairs) - {d.name for d in decisions})
@@ -143,11 +151,11 @@ def run_safelora(base: Path, aligned: Path, finetuned: Path, out_dir: Path, thre
         parts = name.split(".")
         if weight.dim() != 2 or len(parts) < 2 or parts[-1] != "weight" or parts[-2] not in targets:
             return weight
-        w_aligned = store_aligned.get(name).float()
-        v = w_aligned - store_base.get(name).float()
-        used, cos, projected = decide(v, weight.float() - w_aligned, threshold)
+        w_aligned = store_aligned.get(name).to(dev).float()
+        v = w_aligned - store_base.get(name).to(dev).float()
+        used, cos, projected = decide(v, weight.to(dev).float() - w_aligned, threshold)
         decisions.append(LayerDecision(name, cos, projected))
-        return (w_aligned + used).to(weight.dtype) if projected else weight
+        return (w_aligned + used).to("cpu", weight.dtype) if projected else weight  # to the shard being written
 
     write_model(finetuned, out_dir / "model", projected_full)
     if not decisions:

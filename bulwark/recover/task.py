@@ -6,6 +6,9 @@ Task metrics (higher is better; every rank calls them and gets the same number):
   loss      exp(-mean response-token loss) over the same rows: the geometric mean probability of the
             reference answer, in (0, 1]; a floor of 95% of B's value lets the loss rise by -ln 0.95 = 0.051
   auto      accuracy when the eval package and an sst2 / agnews / gsm8k eval set are there, else loss
+
+Device: token batches move to the model's weights' device for each forward, and the counters summed over
+ranks live there too (bulwark.engine's collective helpers stage them for the process group).
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import torch
 from bulwark.data import Example, load_examples, render_prompt, tokenize_example
 from bulwark.data.formats import guess_format
 from bulwark.data.readers import find_file
-from bulwark.engine import all_reduce_sum, broadcast_object
+from bulwark.engine import all_gather_objects, all_reduce_sum, broadcast_object
 from bulwark.errors import BulwarkInputError
 from bulwark.recover.config import RecoverConfig
-from bulwark.recover.hidden import Batch, make_batches, prompt_ids
+from bulwark.recover.hidden import Batch, make_batches, prompt_ids, weights_device
 from bulwark.recover.method import TaskMetric
 
 ACCURACY_TASKS = ("sst2", "agnews", "gsm8k")
@@ -122,7 +125,8 @@ def accuracy_metric(rows: list[Example], task: str, tokenizer: Any, cfg: Recover
     def metric(model: torch.nn.Module) -> float:
         mine, outputs = generate_my_share(model, tokenizer, prompts, cfg.task.max_new_tokens, cfg.task.batch_size)
         correct = sum(is_correct(task, out, rows[i].label or "") for i, out in zip(mine, outputs, strict=True))
-        counts = all_reduce_sum(torch.tensor([float(correct), float(len(mine))], dtype=torch.float64))
+        counts = all_reduce_sum(torch.tensor([float(correct), float(len(mine))], dtype=torch.float64,
+                                             device=weights_device(model)))
         return 100.0 * float(counts[0]) / float(counts[1])
 
     return metric
@@ -138,18 +142,21 @@ def loss_metric(rows: list[Example], tokenizer: Any, cfg: RecoverConfig) -> Task
     @torch.no_grad()
     def metric(model: torch.nn.Module) -> float:
         rank, world = _world()
-        total = torch.zeros(2, dtype=torch.float64)
+        device = weights_device(model)
+        total = torch.zeros(2, dtype=torch.float64, device=device)  # summed on the device: one sync at the end
         for index in range(rank, math.ceil(len(batches) / world) * world, world):
             # the same number of forwards on every rank (collectives on a partitioned model): a rank out
             # of batches runs the first one again and drops the result
             batch = batches[index] if index < len(batches) else batches[0]
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            labels = batch["labels"][:, 1:]
+            input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+            labels = batch["labels"][:, 1:].to(device)
             nll = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum",
                 ignore_index=-100)
             if index < len(batches):
-                total += torch.tensor([float(nll), float((labels != -100).sum())], dtype=torch.float64)
+                total[0] += nll.double()
+                total[1] += (labels != -100).sum()
         total = all_reduce_sum(total)
         return math.exp(-float(total[0]) / max(1.0, float(total[1])))
 
@@ -171,13 +178,10 @@ def harm_metric(cfg: RecoverConfig, tokenizer: Any, data_dir: str | Path | None)
     judge = get_judge(cfg.eval.judge, data_dir) if _world()[0] == 0 else None
 
     def metric(model: torch.nn.Module) -> float:
-        rank, world = _world()
+        rank = _world()[0]
         mine, outputs = generate_my_share(model, tokenizer, prompts, cfg.eval.max_new_tokens)
         answers: dict[int, str] = dict(zip(mine, outputs, strict=True))
-        if world > 1:
-            parts: list[Any] = [None] * world
-            torch.distributed.all_gather_object(parts, answers)
-            answers = {i: text for part in parts for i, text in part.items()}
+        answers = {i: text for part in all_gather_objects(answers) for i, text in part.items()}
         score = None
         if rank == 0:
             ordered = [answers[i] for i in range(len(rows))]

@@ -36,7 +36,8 @@ def reload_check(model_dir: Path, base: dict[str, torch.Tensor]) -> str:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    state = model.state_dict()
+    # on the CPU: after a GPU run transformers may place the loaded model on the current CUDA device
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if bad:
         return f"non-finite weights in {bad[:3]}"
@@ -55,7 +56,7 @@ def main() -> None:
     names = sys.argv[6].split(",") if len(sys.argv) > 6 and sys.argv[6] else sorted(REGISTRY)
     out_root, steps = Path(out_root), int(steps)
     recipes = {"align": align.build_plan, "finetune": finetune.build_plan}
-    base = {k: v.float() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+    base = {k: v.float().cpu() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
 
     results = []
     for name in names:
