@@ -166,8 +166,68 @@ def test_plan_rejects_bad_input():
         _plan(nodes=0)
     with pytest.raises(BulwarkInputError, match="nodes and gpus per node must be >= 1"):
         _plan(gpus_per_node=0)
-    with pytest.raises(BulwarkInputError, match="unknown to the memory plan"):
-        _plan(defense="nonsense")
+    with pytest.raises(BulwarkInputError, match=r"'tvaccine' is not a registered defense; registered: .*t-vaccine"):
+        _plan(defense="tvaccine")  # the old table's name: plan now knows the registry's names only
+
+
+# --- defense costs come from the registry --------------------------------------------------------
+
+
+def test_every_registered_defense_plans_with_its_declared_cost():
+    from bulwark.defenses import REGISTRY
+
+    cfg = resolve_model_config("llama2-7b")
+    p = count_params(cfg)
+    s, b, h, layers, vocab = 512, 1, 4096, 32, 32000
+    sft = _plan(defense="sft", gpus_per_node=8)
+    assert {"t-vaccine", "vaccine-random", "booster+vaccine", "refusal_ul"} <= set(REGISTRY)
+    for name, cls in REGISTRY.items():
+        cost = cls.memory
+        plan = _plan(defense=name, gpus_per_node=8)
+        assert plan.defense_bytes == int(cost.fp32_copies * p * 4) // 8 + int(cost.dtype_copies * p * 2) // 8, name
+        extra = (sft.activation_bytes * (cost.activation_factor - 1)
+                 + layers * s * b * h * (cost.layer_outputs * 2 + cost.layer_outputs_fp32 * 4)
+                 + s * b * vocab * 4 * (cost.logits_fp32 + cost.logits_fp32_per_layer * layers))
+        assert plan.activation_bytes == pytest.approx(sft.activation_bytes + extra, abs=2), name
+        assert f"defense {name}: {cost.what}" in plan.notes
+    # the corrected figures the issue names: Booster's harmful phase holds 6 fp32 shard copies and the
+    # saved 16-bit partitions (was 2 fp32); Vaccine's offsets are in the activations' dtype (was fp32)
+    booster = _plan(defense="booster", gpus_per_node=8)
+    assert booster.defense_bytes == (6 * 4 * p) // 8 + (2 * p) // 8
+    vaccine = _plan(defense="vaccine", gpus_per_node=8)
+    assert vaccine.activation_bytes - sft.activation_bytes == layers * s * b * h * 2
+    # where the copies live: fp32 ones beside the fp32 master (host under optimizer offload), 16-bit ones
+    # beside the 16-bit partitions (host under parameter offload)
+    off_opt = _plan(defense="booster", gpus_per_node=8, offload_optimizer=True)
+    assert off_opt.defense_bytes == (2 * p) // 8
+    assert _plan(defense="booster", gpus_per_node=8, offload_optimizer=True, offload_param=True).defense_bytes == 0
+    # SMART's ZeRO-1/2 path rebuilds whole EMA weights in the model's dtype, on every rank
+    smart2 = _plan(defense="smart", gpus_per_node=8, zero_stage=2)
+    assert smart2.defense_bytes == (4 * p) // 8 + 2 * p
+
+
+def test_a_defense_registered_outside_cluster_is_planned_with_its_own_cost():
+    """A new defense declares `memory` in its own module; plan.py needs no edit to plan it."""
+    from bulwark.defenses.base import REGISTRY, Defense, MemoryCost, register
+
+    @register
+    class Fake(Defense):
+        name = "test-fake-defense"
+        memory = MemoryCost(fp32_copies=3, dtype_copies=0.5, activation_factor=1.5, layer_outputs=2,
+                            logits_fp32=1, what="three anchors, for the test")
+
+    try:
+        p = count_params(resolve_model_config("llama2-7b"))
+        s, b, h, layers, vocab = 512, 1, 4096, 32, 32000
+        sft, fake = _plan(defense="sft", gpus_per_node=4), _plan(defense="test-fake-defense", gpus_per_node=4)
+        assert fake.defense_bytes == (3 * 4 * p) // 4 + p // 4
+        assert fake.activation_bytes == pytest.approx(
+            sft.activation_bytes * 1.5 + layers * s * b * h * 2 * 2 + s * b * vocab * 4, abs=2)
+        assert "defense test-fake-defense: three anchors, for the test" in fake.notes
+    finally:
+        REGISTRY.pop(Fake.name, None)
+    with pytest.raises(BulwarkInputError, match="not a registered defense"):
+        _plan(defense="test-fake-defense")
 
 
 # --- ds_config batch sizes -------------------------------------------------------------------
@@ -214,6 +274,30 @@ def test_cli_plan_exit_codes(tmp_path):
     res = runner.invoke(_app(), ["plan", str(clash)])
     assert res.exit_code == 2 and "train_batch_size=100 contradicts" in res.output
     assert "Traceback" not in res.output
+
+
+def test_cli_plan_takes_key_value_overrides(tmp_path):
+    runner = CliRunner()
+    cfg = _run_config(tmp_path)
+    res = runner.invoke(_app(), ["plan", str(cfg), "defense.name=booster", "train.micro_batch_size=2",
+                                 "--gpu-mem-gib", "80"])
+    assert res.exit_code == 0, res.output
+    assert "defense booster; micro batch 2 x 512 tokens" in " ".join(res.output.split())  # rich wraps at 80
+    want, *_ = plan_run(cfg, overrides=["defense.name=booster", "train.micro_batch_size=2"])
+    assert f"{want.total_bytes / GIB:.2f}" in res.output and want.defense_bytes > _plan(gpus_per_node=8).defense_bytes
+    # launch.nproc decides the world size, as in the job the config would start
+    one_gpu = runner.invoke(_app(), ["plan", str(cfg), "launch.nproc=1"])
+    assert one_gpu.exit_code == 2 and "does not fit" in one_gpu.output
+    for bad, says in ((["traim.steps=3"], "traim"), (["defense.name=tvaccine"], "not a registered defense"),
+                      (["train.steps"], "not key=value")):
+        res = runner.invoke(_app(), ["plan", str(cfg), *bad])
+        assert res.exit_code == 2 and says in res.output, res.output
+        assert res.output.count("\n") == 1 and "Traceback" not in res.output
+    # an eval YAML takes options, not key=value
+    eval_yaml = tmp_path / "eval.yaml"
+    eval_yaml.write_text("model: llama2-7b\n")
+    res = runner.invoke(_app(), ["plan", str(eval_yaml), "dtype=fp32", "--stage", "eval"])
+    assert res.exit_code == 2 and "apply to a run config" in res.output
 
 
 # --- sbatch rendering ------------------------------------------------------------------------
@@ -392,6 +476,21 @@ def test_cli_slurm(tmp_path, monkeypatch):
     assert res.exit_code == 2 and "nodes and gpus per node must be >= 1" in res.output
 
 
+
+def test_cli_slurm_overrides_decide_the_job(tmp_path, monkeypatch):
+    """Overrides are read like the job will read them: launch.* sets the SLURM shape, a bad key fails now."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _run_config(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(_app(), ["slurm", str(cfg), "launch.nproc=2", "launch.nnodes=3", "--stage", "align"])
+    assert res.exit_code == 0, res.output
+    assert "#SBATCH --nodes=3" in res.output and "#SBATCH --gpus-per-node=2" in res.output
+    assert "launch.nproc=2 launch.nnodes=3" in res.output
+    res = runner.invoke(_app(), ["slurm", str(cfg), "train.micro_batch_sise=2", "--out", str(tmp_path / "j.sbatch")])
+    assert res.exit_code == 2 and "micro_batch_sise" in res.output and res.output.count("\n") == 1
+    assert not (tmp_path / "j.sbatch").exists()
+
+
 # --- presets and project rules ---------------------------------------------------------------
 
 
@@ -425,3 +524,76 @@ def test_cluster_code_never_imports_deepspeed():
 def test_templates_exist_and_bash_is_available():
     assert shutil.which("bash")
     assert (REPO / "slurm" / "single_node.sbatch").is_file() and (REPO / "slurm" / "multi_node.sbatch").is_file()
+
+
+# --- eval plan --------------------------------------------------------------------------------------
+
+
+def test_eval_plan_matches_hand_computation_llama70b():
+    """Llama-2-70B, bf16, batch 8, 1024 prompt + 128 new tokens, by hand from its config."""
+    from bulwark.cluster.plan import plan_eval_memory
+
+    h, inter, layers, heads, kv, vocab = 8192, 28672, 80, 64, 8, 32000
+    head_dim = h // heads
+    per_layer = h * h * 2 + h * kv * head_dim * 2 + 3 * h * inter + 2 * h  # q, o; k, v; gate, up, down; norms
+    params = 2 * vocab * h + layers * per_layer + h  # untied embeddings + lm_head, final norm
+    assert params == planmod.count_params(LLAMA70)
+    b, prompt, new = 8, 1024, 128
+    kv_cache = 2 * layers * b * (prompt + new) * kv * head_dim * 2
+    prefill = b * prompt * (4 * h + 3 * inter) * 2
+    logits = b * vocab * (2 + 4)
+    reserve = planmod.RUNTIME_RESERVE_BYTES
+
+    replica = plan_eval_memory(LLAMA70, world_size=8, dtype="bf16", batch_size=b, prompt_tokens=prompt,
+                               new_tokens=new)
+    assert replica.total_bytes == params * 2 + kv_cache + prefill + logits + reserve
+    assert not replica.fits and any("--zero3" in line for line in replica.advice)  # 129 GiB of weights alone
+
+    zero3 = plan_eval_memory(LLAMA70, world_size=8, dtype="bf16", zero3=True, batch_size=b, prompt_tokens=prompt,
+                             new_tokens=new)
+    gathered = 2 * max(per_layer, vocab * h)  # a decoder layer (~856M) beats the embedding (~262M)
+    assert zero3.gathered_bytes == gathered and zero3.weights_bytes == params * 2 // 8
+    assert zero3.total_bytes == params * 2 // 8 + gathered + kv_cache + prefill + logits + reserve
+    assert zero3.fits and 20 < zero3.total_gib < 25
+
+    fp32 = plan_eval_memory(LLAMA70, world_size=8, dtype="fp32", zero3=True, batch_size=b, prompt_tokens=prompt,
+                            new_tokens=new)
+    assert fp32.weights_bytes == params * 4 // 8 and fp32.kv_cache_bytes == 2 * kv_cache
+
+
+def test_cli_plan_stage_eval(tmp_path, tiny_model_dir):
+    runner = CliRunner()
+    # a run config: model.name and launch.nproc (8 GPUs); a 7B replica in bf16 fits an 80 GiB card
+    ok = runner.invoke(_app(), ["plan", str(_run_config(tmp_path)), "--stage", "eval"])
+    assert ok.exit_code == 0, ok.output
+    assert "eval memory per GPU" in ok.output and "KV cache" in ok.output and "fits" in ok.output
+    # an eval YAML naming a 70B-sized folder: one replica per GPU does not fit, --zero3 over 8 does
+    big = tmp_path / "llama70"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(LLAMA70))
+    eval_yaml = tmp_path / "eval.yaml"
+    eval_yaml.write_text(f"model: {big}\nnproc: 8\nmax_new_tokens: 128\nbatch_size: 8\n")
+    over = runner.invoke(_app(), ["plan", str(eval_yaml), "--stage", "eval"])
+    assert over.exit_code == 2 and "--zero3" in over.output and "does not fit" in over.output
+    fits = runner.invoke(_app(), ["plan", str(eval_yaml), "--stage", "eval", "--zero3"])
+    assert fits.exit_code == 0 and "ZeRO-3 partitioned" in fits.output, fits.output
+    bad = runner.invoke(_app(), ["plan", str(eval_yaml), "--stage", "eval", "--dtype", "fp16"])
+    assert bad.exit_code == 2 and "dtype" in bad.output, bad.output
+    bad = runner.invoke(_app(), ["plan", str(eval_yaml), "--stage", "serve"])
+    assert bad.exit_code == 2 and "--stage" in bad.output, bad.output
+
+
+def test_activations_count_the_attention_scores_only_for_eager_attention():
+    """SDPA keeps no s x s scores (measured on an H200: docs/BENCHMARKS.md); eager attention does:
+    per layer 5*a*s/h more bytes per s*b*h at 16 bits (Korthikanti et al. 2022)."""
+    from bulwark.errors import BulwarkInputError
+
+    cfg = resolve_model_config("llama2-7b")
+    args = dict(nodes=1, gpus_per_node=8, dtype="bf16", micro_batch_size=2, seq_len=1024, with_advice=False)
+    sdpa = plan_memory(cfg, **args)
+    eager = plan_memory(cfg, attention="eager", **args)
+    s, b, h, a, layers = 1024, 2, 4096, 32, 32
+    assert eager.activation_bytes - sdpa.activation_bytes == pytest.approx(layers * s * b * h * 5 * a * s / h, rel=1e-9)
+    assert sdpa.activation_bytes == pytest.approx(layers * s * b * h * 34 + s * b * 32000 * 6, rel=1e-9)
+    with pytest.raises(BulwarkInputError, match="attention"):
+        plan_memory(cfg, attention="flash3", **args)

@@ -12,7 +12,16 @@ from rich.console import Console
 from rich.table import Table
 
 from bulwark.cluster.checks import check_ds_batch_sizes
-from bulwark.cluster.plan import GIB, MemoryPlan, plan_memory, resolve_model_config
+from bulwark.cluster.plan import (
+    EVAL_BATCH_SIZE,
+    EVAL_PROMPT_TOKENS,
+    GIB,
+    EvalMemoryPlan,
+    MemoryPlan,
+    plan_eval_memory,
+    plan_memory,
+    resolve_model_config,
+)
 from bulwark.cluster.runconfig import (
     RunSettings,
     load_ds_config,
@@ -45,14 +54,15 @@ def _world(settings: RunSettings, nodes: int | None, gpus_per_node: int | None) 
 
 
 def plan_run(config: Path, *, nodes: int | None = None, gpus_per_node: int | None = None,
-             gpu_mem_gib: float = 80.0, cpu_mem_gib: float | None = None,
+             gpu_mem_gib: float = 80.0, cpu_mem_gib: float | None = None, overrides: list[str] | None = None,
              ) -> tuple[MemoryPlan, RunSettings, int, int]:
-    """Memory plan of a run config file; nodes / GPUs default to launch.nnodes / launch.nproc.
+    """Memory plan of a run config file with its ``key=value`` overrides applied (as the training
+    commands apply them); nodes / GPUs default to launch.nnodes / launch.nproc.
 
     Also checks the ds_config's explicit batch sizes against the run config. Returns the plan, the
     settings read, and the nodes and GPUs per node used.
     """
-    settings = run_settings(load_run_config(config))
+    settings = run_settings(load_run_config(config, overrides))
     n, g = _world(settings, nodes, gpus_per_node)
     ds = load_ds_config(settings.ds_config, config.parent)
     check_ds_batch_sizes(ds, settings.micro_batch_size, settings.grad_accum, n * g)
@@ -66,22 +76,128 @@ def plan_run(config: Path, *, nodes: int | None = None, gpus_per_node: int | Non
     return plan, settings, n, g
 
 
+def _eval_yaml(config: Path) -> dict | None:
+    """The options of an eval YAML (`model:` names a folder), or None for a run config (`model:` a section)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise BulwarkInputError(f"{config}: cannot read it as YAML ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("model"), str):
+        return {str(k).replace("-", "_"): v for k, v in data.items()}
+    return None
+
+
+def _eval_model_config(model: str) -> dict:
+    import json
+
+    folder = Path(model).expanduser()
+    adapter = folder / "adapter_config.json"
+    if not (folder / "config.json").is_file() and adapter.is_file():  # LoRA: plan the base model
+        model = str(json.loads(adapter.read_text()).get("base_model_name_or_path") or model)
+    return resolve_model_config(model)
+
+
+def plan_eval_run(config: Path, *, nodes: int | None = None, gpus_per_node: int | None = None,
+                  dtype: str | None = None, zero3: bool | None = None, batch_size: int | None = None,
+                  prompt_tokens: int | None = None, new_tokens: int | None = None, gpu_mem_gib: float = 80.0,
+                  overrides: list[str] | None = None) -> tuple[EvalMemoryPlan, str]:
+    """Eval memory plan of an eval YAML (model:, dtype:, partition:, batch_size:, max_new_tokens:, nproc:)
+    or of a run config (model.name; launch.nnodes x launch.nproc ranks; ``key=value`` overrides apply to
+    it). Options given here win; dtype auto plans bf16 (the GPU's auto). Returns the plan and the model's name."""
+    options = _eval_yaml(config)
+    if options is not None and overrides:
+        # an eval YAML is not a run config: `bulwark eval` takes options, not key=value
+        raise BulwarkInputError(f"{overrides[0]}: key=value overrides apply to a run config; for an eval YAML "
+                                "use the --dtype/--zero3/--batch-size/... options")
+    if options is None:
+        settings = run_settings(load_run_config(config, overrides))
+        model, nn, ng, yaml_opts = settings.model_name, settings.nnodes, settings.nproc, {}
+    else:
+        model, nn, ng, yaml_opts = str(options["model"]), 1, options.get("nproc"), options
+    n = nodes if nodes is not None else (nn or 1)
+    g = gpus_per_node if gpus_per_node is not None else (ng or 1)
+    if n < 1 or g < 1:
+        raise BulwarkInputError(f"nodes and gpus per node must be >= 1 (got nodes={n}, gpus_per_node={g})")
+    chosen = str(dtype or yaml_opts.get("dtype") or "auto").lower()
+    if chosen not in ("auto", "fp32", "bf16"):
+        raise BulwarkInputError(f"eval dtype (--dtype / dtype:) {chosen!r}: choose one of auto, fp32, bf16")
+    partition = str(yaml_opts.get("partition") or "none").lower()
+    if partition not in ("none", "zero3"):
+        raise BulwarkInputError(f"eval partition (partition:) {partition!r}: choose one of none, zero3")
+    plan = plan_eval_memory(
+        _eval_model_config(model), world_size=n * g, dtype="bf16" if chosen == "auto" else chosen,
+        zero3=zero3 if zero3 is not None else partition == "zero3",
+        batch_size=batch_size or int(yaml_opts.get("batch_size") or EVAL_BATCH_SIZE),
+        prompt_tokens=prompt_tokens or EVAL_PROMPT_TOKENS,
+        new_tokens=new_tokens or int(yaml_opts.get("max_new_tokens") or 128), gpu_mem_gib=gpu_mem_gib,
+    )
+    return plan, model
+
+
+def _print_eval_plan(config: Path, p: EvalMemoryPlan, model: str, gpu_mem_gib: float) -> None:
+    console = Console()
+    console.print(f"[bold]{model}[/]: {p.total_params / 1e9:.3f}B parameters; eval on {p.world_size} rank(s), "
+                  f"{p.dtype}, {'ZeRO-3 partitioned' if p.zero3 else 'a replica per rank'}")
+    table = Table(title="eval memory per GPU")
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    for label, nbytes in p.rows():
+        table.add_row(label, _gib(nbytes))
+    table.add_row("[bold]total[/]", f"[bold]{_gib(p.total_bytes)}[/]")
+    table.add_row("GPU memory", f"{gpu_mem_gib:.2f}")
+    console.print(table)
+    if p.fits:
+        console.print(f"[green]fits[/]: {p.total_gib:.1f} GiB of {gpu_mem_gib:g} GiB per GPU")
+        return
+    console.print("what would change it:")
+    for line in p.advice:
+        console.print(f"  - {line}", highlight=False)
+    Console(stderr=True).print(f"error: eval of {config} does not fit: {p.total_gib:.1f} GiB per GPU needed, "
+                               f"{gpu_mem_gib:g} GiB available", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
 def _gib(n: int) -> str:
     return f"{n / GIB:.2f}"
 
 
 def plan(
     config: Annotated[Path, typer.Argument(help="Run config YAML.")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value run-config overrides, e.g. "
+                                                               "defense.name=booster train.micro_batch_size=1.")] = None,
     nodes: Annotated[int | None, typer.Option(help="Nodes (default: launch.nnodes, else 1).")] = None,
     gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node (default: launch.nproc, else 8).")] = None,
     gpu_mem_gib: Annotated[float, typer.Option(help="Memory of one GPU in GiB.")] = 80.0,
     cpu_mem_gib: Annotated[float | None, typer.Option(help="Host memory per node in GiB, to check offload "
                                                           "(default: not checked).")] = None,
+    stage: Annotated[str, typer.Option(help="train (an align / finetune run config) or eval; eval also reads an "
+                                            "eval YAML (model: FOLDER, dtype:, partition:, ...).")] = "train",
+    dtype: Annotated[str | None, typer.Option(help="eval: auto (= bf16 on GPU) | bf16 | fp32.")] = None,
+    zero3: Annotated[bool | None, typer.Option("--zero3/--no-zero3", help="eval: weights partitioned "
+                                                                          "over the ranks.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help=f"eval: prompts per generate() call "
+                                                        f"(default {EVAL_BATCH_SIZE}).")] = None,
+    prompt_tokens: Annotated[int | None, typer.Option(help=f"eval: prompt length bound "
+                                                           f"(default {EVAL_PROMPT_TOKENS}).")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="eval: new tokens (default 128).")] = None,
 ) -> None:
-    """Memory per GPU for a run config, from the model's config alone; exit code 2 if it does not fit."""
+    """Memory per GPU for a run config (or, with --stage eval, for `bulwark eval`), from the model's config
+    alone; exit code 2 if it does not fit."""
+    if stage not in ("train", "eval"):
+        with _input_errors():
+            raise BulwarkInputError(f"--stage {stage!r}: choose train or eval")
+    if stage == "eval":
+        with _input_errors():
+            ep, model = plan_eval_run(config, nodes=nodes, gpus_per_node=gpus_per_node, dtype=dtype, zero3=zero3,
+                                      batch_size=batch_size, prompt_tokens=prompt_tokens,
+                                      new_tokens=max_new_tokens, gpu_mem_gib=gpu_mem_gib, overrides=overrides)
+        _print_eval_plan(config, ep, model, gpu_mem_gib)
+        return
     with _input_errors():
         p, s, n, g = plan_run(config, nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib,
-                              cpu_mem_gib=cpu_mem_gib)
+                              cpu_mem_gib=cpu_mem_gib, overrides=overrides)
     console = Console()
     stage, off_opt, off_param = zero_settings(load_ds_config(s.ds_config, config.parent))
     offload = ", ".join(k for k, on in (("optimizer", off_opt), ("parameters", off_param)) if on) or "none"
@@ -136,7 +252,9 @@ def slurm(
 ) -> None:
     """Render an sbatch script (srun + torchrun) for a run config, and submit it with --submit."""
     with _input_errors():
-        settings = run_settings(load_run_config(config))
+        # the overrides reach the job's argv below; read them here too, so that nodes, GPUs and the batch
+        # check follow what the job will run (and a bad key fails now, not in the queue)
+        settings = run_settings(load_run_config(config, overrides))
         n, g = _world(settings, nodes, gpus_per_node)
         ds = load_ds_config(settings.ds_config, config.parent)
         check_ds_batch_sizes(ds, settings.micro_batch_size, settings.grad_accum, n * g)

@@ -17,15 +17,22 @@ Activations follow Korthikanti et al. 2022, "Reducing Activation Recomputation i
 Models" (arXiv:2205.05198), section 4.1: one transformer layer without recomputation stores
 ``s*b*h*(34 + 5*a*s/h)`` bytes with 16-bit activations (s = sequence length, b = micro batch,
 h = hidden size, a = attention heads); the ``5*a*s/h`` part is the s x s attention scores, softmax
-and dropout mask, so the figure is conservative for fused (flash / SDPA) attention. With full
+and dropout mask, which fused attention never stores: with ``attention="sdpa"`` (transformers' default
+for Llama, and flash attention) a layer keeps ``34*s*b*h`` bytes. Measured on one H200 (1.1B Llama,
+bf16, ZeRO-3, 4 x 2048 tokens, docs/BENCHMARKS.md): the sdpa plan is within 1.5% of
+torch.cuda.max_memory_allocated for SFT, Lisa and Vaccine, where the s x s term would have planned
+2.6x too much. ``attention="eager"`` keeps the term. With full
 activation checkpointing a layer keeps only its 16-bit input, ``2*s*b*h`` bytes, and one layer is
 recomputed at a time. The output layer adds the 16-bit logits and their fp32 copy for the cross
 entropy (the paper's ``4*s*b*v``).
 
-Defense buffers (anchors, EMA teachers, gradient copies) are fp32 copies of the trainable
-parameters kept for this rank's shard only (see DESIGN.md), so they are divided by the world size
-under every ZeRO stage, and they live where the fp32 master partitions live (host memory when the
-optimizer is offloaded); activation-shaped buffers (Vaccine's perturbations) are per rank.
+Defense costs are not listed here: each defense declares its own beside its config
+(``Defense.memory``, a ``bulwark.defenses.base.MemoryCost``) and :func:`defense_cost` reads it from the
+registry. Shard-sized buffers (anchors, EMA weights, gradient copies) are kept for this rank's shard
+only (see DESIGN.md), so they are divided by the world size under every ZeRO stage; the fp32 ones live
+where the fp32 master partitions live (host memory when the optimizer is offloaded), the model-dtype
+ones where the 16-bit partitions live (host memory under parameter offload). Activation-shaped buffers
+(Vaccine's perturbations, RepNoise's logit lens, SMART's softmaxes) are per rank.
 """
 
 from __future__ import annotations
@@ -33,9 +40,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bulwark.errors import BulwarkInputError
+
+if TYPE_CHECKING:
+    from bulwark.defenses.base import MemoryCost
 
 GIB = 1024**3
 
@@ -93,28 +103,19 @@ MODEL_ALIASES: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class DefenseCost:
-    """What a defense keeps beyond plain fine-tuning, per trainable parameter and per activation."""
+def defense_cost(name: str) -> MemoryCost:
+    """The memory cost defense ``name`` declares beside its config (``Defense.memory``, see
+    ``bulwark.defenses.base.MemoryCost``): a defense registered anywhere is planned without a change here.
 
-    fp32_copies: int  # fp32 parameter-shaped buffers (sharded with the parameters)
-    activation_factor: float  # forward graphs alive at once in the loss (1 = plain SFT)
-    layer_output_fp32: bool  # one fp32 (s, b, h) buffer per layer (activation perturbations)
-    what: str
+    Imported on call: the registry pulls in torch (about 2 s), which `bulwark slurm` never needs.
+    """
+    from bulwark.defenses import REGISTRY
 
-
-DEFENSES: dict[str, DefenseCost] = {
-    "sft": DefenseCost(0, 1.0, False, "nothing extra"),
-    "none": DefenseCost(0, 1.0, False, "nothing extra"),
-    "mix": DefenseCost(0, 1.0, False, "alignment rows mixed into the data: nothing extra"),
-    "lisa": DefenseCost(1, 1.0, False, "anchor weights (fp32, sharded) for the proximal term"),
-    "smart": DefenseCost(1, 2.0, False, "EMA/proximal-point reference weights; clean + perturbed forward"),
-    "booster": DefenseCost(2, 1.0, False, "harmful-gradient copy + accumulated gradient (fp32, sharded)"),
-    "vaccine": DefenseCost(0, 1.0, True, "one fp32 perturbation per layer output"),
-    "tvaccine": DefenseCost(0, 1.0, True, "one fp32 perturbation per (selected) layer output"),
-    "repnoise": DefenseCost(0, 2.0, False, "harmful + harmless forward graphs alive together"),
-    "recover": DefenseCost(1, 1.0, False, "aligned reference weights (fp32, sharded) for the restore"),
-}
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise BulwarkInputError(f"defense.name: {name!r} is not a registered defense; registered: "
+                                f"{', '.join(sorted(REGISTRY))} (see `bulwark defenses`)")
+    return cls.memory
 
 
 @dataclass
@@ -257,16 +258,20 @@ def plan_memory(
     gpu_mem_gib: float = 80.0,
     gradient_checkpointing: bool = False,
     cpu_mem_gib: float | None = None,
+    attention: str = "sdpa",
     with_advice: bool = True,
 ) -> MemoryPlan:
     """Per-GPU memory of a run: parameters, gradients, optimizer, defense buffers, activations.
 
     ``lora`` is the run config's ``model.lora`` section (used when ``enabled`` is true; keys ``r``,
-    ``target_modules``). ``defense`` is a key of :data:`DEFENSES`. When the total exceeds
+    ``target_modules``). ``defense`` is a registered defense's name (its cost: :func:`defense_cost`). When the total exceeds
     ``gpu_mem_gib`` the plan's ``advice`` lists changes (offload, more nodes, LoRA, micro batch,
     checkpointing) with the total each gives, computed by re-planning. ``cpu_mem_gib`` (host memory
-    per node), when given, must also hold the offloaded states for the plan to fit.
+    per node), when given, must also hold the offloaded states for the plan to fit. ``attention`` is
+    ``sdpa`` (fused kernels: no s x s scores stored) or ``eager``.
     """
+    if attention not in ("sdpa", "eager"):
+        raise BulwarkInputError(f"attention: {attention!r} is not one of sdpa, eager")
     if nodes < 1 or gpus_per_node < 1:
         raise BulwarkInputError(f"nodes and gpus per node must be >= 1 (got nodes={nodes}, gpus_per_node={gpus_per_node})")
     if zero_stage not in (0, 1, 2, 3):
@@ -275,9 +280,7 @@ def plan_memory(
         raise BulwarkInputError(f"micro batch size and sequence length must be >= 1 (got {micro_batch_size}, {seq_len})")
     if gpu_mem_gib <= 0:
         raise BulwarkInputError(f"gpu memory must be > 0 GiB (got {gpu_mem_gib})")
-    cost = DEFENSES.get(defense)
-    if cost is None:
-        raise BulwarkInputError(f"defense.name: {defense!r} unknown to the memory plan; known: {', '.join(sorted(DEFENSES))}")
+    cost = defense_cost(defense)
     if (offload_optimizer or offload_param) and zero_stage < 2:
         raise BulwarkInputError("CPU offload needs ZeRO stage 2 or 3 (zero_optimization.stage)")
     if offload_param and zero_stage != 3:
@@ -302,30 +305,37 @@ def plan_memory(
     params = all_params * pb // p_div
     grads = trainable * grad_b // g_div
     optim = trainable * opt_b // o_div
-    defense_b = cost.fp32_copies * trainable * 4 // world
+    defense_fp32 = int(cost.fp32_copies * trainable * 4) // world
+    defense_16 = int(cost.dtype_copies * trainable * pb) // world
+    # ZeRO-0/1/2 keep whole weights on every rank, so a defense that rebuilds them keeps a whole copy
+    defense_replica = int(cost.replica_dtype_copies * trainable * pb) if zero_stage < 3 else 0
     cpu_per_rank = 0
     if offload_optimizer:
         # Gradients and optimizer states live on the host (DeepSpeed ZeRO-Offload); the defense's fp32
         # buffers sit beside the fp32 master partitions they are combined with, so they move too.
-        cpu_per_rank += grads + optim + defense_b
-        grads = optim = defense_b = 0
+        cpu_per_rank += grads + optim + defense_fp32
+        grads = optim = defense_fp32 = 0
     if offload_param:
-        cpu_per_rank += params
-        params = 0
+        # copies of the 16-bit partitions are made where those partitions are
+        cpu_per_rank += params + defense_16
+        params = defense_16 = 0
+    defense_b = defense_fp32 + defense_16 + defense_replica
     cpu_per_node = int(cpu_per_rank * gpus_per_node * CPU_BUFFER_FACTOR)
 
     h, layers, heads, vocab = lay["hidden"], lay["layers"], lay["heads"], lay["vocab"]
     s, b = seq_len, micro_batch_size
     act_scale = pb / 2  # the paper's figures are for 16-bit activations
-    full_layer = s * b * h * (34 + 5 * heads * s / h) * act_scale
+    scores = 5 * heads * s / h if attention == "eager" else 0  # the s x s scores only eager attention keeps
+    full_layer = s * b * h * (34 + scores) * act_scale
     if gradient_checkpointing:
         per_model = layers * 2 * s * b * h * act_scale + full_layer
     else:
         per_model = layers * full_layer
     logits = s * b * vocab * (pb + 4)
-    activations = int(per_model * cost.activation_factor + logits)
-    if cost.layer_output_fp32:
-        activations += layers * s * b * h * 4
+    # a defense's extra graphs are whole forwards (stacked rows or a second pass), logits included
+    activations = int((per_model + logits) * cost.activation_factor)
+    activations += int(layers * s * b * h * (cost.layer_outputs * pb + cost.layer_outputs_fp32 * 4))
+    activations += int(s * b * vocab * 4 * (cost.logits_fp32 + cost.logits_fp32_per_layer * layers))
 
     buffers = RUNTIME_RESERVE_BYTES + (4 * lay["largest_module"] if zero_stage == 3 else 0)
 
@@ -338,8 +348,8 @@ def plan_memory(
     plan.fits = plan.total_bytes <= plan.gpu_mem_bytes and plan.cpu_over_bytes == 0
     plan.notes.append(f"defense {defense}: {cost.what}")
     if not gradient_checkpointing:
-        plan.notes.append("activations counted without checkpointing and with s x s attention scores "
-                          "(Korthikanti et al. 2022): an upper bound for flash/SDPA attention")
+        plan.notes.append(f"activations counted without checkpointing, {attention} attention (Korthikanti et al. 2022"
+                          + (", s x s scores included)" if attention == "eager" else ", no s x s scores stored)"))
     if cpu_per_node:
         plan.notes.append(f"host memory for offloaded states: {cpu_per_node / GIB:.1f} GiB per node")
 
@@ -348,7 +358,7 @@ def plan_memory(
             nodes=nodes, gpus_per_node=gpus_per_node, zero_stage=zero_stage,
             offload_optimizer=offload_optimizer, offload_param=offload_param, dtype=dtype, lora=lora,
             defense=defense, micro_batch_size=micro_batch_size, seq_len=seq_len, gpu_mem_gib=gpu_mem_gib,
-            gradient_checkpointing=gradient_checkpointing, cpu_mem_gib=cpu_mem_gib,
+            gradient_checkpointing=gradient_checkpointing, cpu_mem_gib=cpu_mem_gib, attention=attention,
         )
         plan.advice = _advice(model_config, args)
     return plan
@@ -420,3 +430,124 @@ def resolve_model_config(name: str) -> dict[str, Any]:
         f"use a local HF folder or one of: {', '.join(sorted(set(KNOWN_MODELS) | set(MODEL_ALIASES)))}"
     )
 
+
+
+# ---- eval ------------------------------------------------------------------------------------------------
+
+# Prompts are cut to their last 1024 tokens before generation (bulwark.eval.generate.generate's
+# max_prompt_tokens), so this bounds the prompt part of the KV cache; 32 is eval's default batch.
+EVAL_PROMPT_TOKENS = 1024
+EVAL_BATCH_SIZE = 32
+
+
+@dataclass
+class EvalMemoryPlan:
+    """Bytes per GPU for `bulwark eval` (greedy generation, no gradients, no optimizer)."""
+
+    world_size: int
+    total_params: int
+    dtype: str
+    zero3: bool
+    weights_bytes: int  # the whole model (replica) or this rank's 1/world slice (ZeRO-3)
+    gathered_bytes: int  # ZeRO-3: the largest unit gathered whole at a time (a decoder layer or the embedding)
+    kv_cache_bytes: int
+    prefill_bytes: int  # one layer's working set while the prompt goes through it
+    logits_bytes: int
+    reserve_bytes: int
+    gpu_mem_bytes: int
+    fits: bool = False
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return (self.weights_bytes + self.gathered_bytes + self.kv_cache_bytes + self.prefill_bytes
+                + self.logits_bytes + self.reserve_bytes)
+
+    @property
+    def total_gib(self) -> float:
+        return self.total_bytes / GIB
+
+    def rows(self) -> list[tuple[str, int]]:
+        """(label, bytes per GPU) for display."""
+        return [
+            ("weights" + (" (1/world slice)" if self.zero3 else " (replica)"), self.weights_bytes),
+            ("largest unit gathered (ZeRO-3)", self.gathered_bytes),
+            ("KV cache", self.kv_cache_bytes),
+            ("prefill working set (one layer)", self.prefill_bytes),
+            ("logits (last position)", self.logits_bytes),
+            ("runtime reserve", self.reserve_bytes),
+        ]
+
+
+def plan_eval_memory(
+    model_config: dict[str, Any],
+    *,
+    world_size: int = 1,
+    dtype: str = "bf16",
+    zero3: bool = False,
+    batch_size: int = EVAL_BATCH_SIZE,
+    prompt_tokens: int = EVAL_PROMPT_TOKENS,
+    new_tokens: int = 128,
+    gpu_mem_gib: float = 80.0,
+    with_advice: bool = True,
+) -> EvalMemoryPlan:
+    """Per-GPU memory of `bulwark eval` on one rank (b = batch, s = prompt + new tokens, pb = bytes of dtype):
+
+    * weights: ``params * pb``, or ``params * pb // world`` under ZeRO-3;
+    * gathered (ZeRO-3 only): ``pb * max(one decoder layer, embedding, lm_head)``: eval gathers one such
+      unit at a time (``gathered_per_module``) and frees it after its forward;
+    * KV cache: ``2 * layers * b * s * kv_heads * head_dim * pb`` (keys and values of every layer);
+    * prefill working set: ``b * prompt * (4*h + 3*intermediate) * pb``: one layer's input, residual,
+      normed input and attention output (h wide) plus gate, up and activation (intermediate wide), with
+      fused (SDPA) attention that keeps no s x s scores;
+    * logits: ``b * vocab * (pb + 4)``: generate() computes the last position only and keeps an fp32 copy;
+    * the runtime reserve of training plans (CUDA context, NCCL, allocator).
+    """
+    if world_size < 1:
+        raise BulwarkInputError(f"world size must be >= 1 (got {world_size})")
+    if batch_size < 1 or prompt_tokens < 1 or new_tokens < 1:
+        raise BulwarkInputError(f"eval batch size, prompt tokens and new tokens must be >= 1 "
+                                f"(got {batch_size}, {prompt_tokens}, {new_tokens})")
+    if gpu_mem_gib <= 0:
+        raise BulwarkInputError(f"gpu memory must be > 0 GiB (got {gpu_mem_gib})")
+    if dtype not in ("bf16", "fp32"):
+        raise BulwarkInputError(f"eval dtype (--dtype): {dtype!r} is not one of fp32, bf16 (auto plans as bf16)")
+    lay = _layout(model_config)
+    pb = _dtype_bytes(dtype)
+    h, layers, vocab = lay["hidden"], lay["layers"], lay["vocab"]
+    heads = lay["heads"]
+    kv = int(model_config.get("num_key_value_heads") or heads)
+    head_dim = int(model_config.get("head_dim") or h // heads)
+    inter = int(model_config["intermediate_size"])
+    per_layer = sum(i * o for i, o in lay["linear_shapes"].values()) + 2 * h
+    total = lay["total"]
+    b, s = batch_size, prompt_tokens + new_tokens
+    weights = total * pb // world_size if zero3 else total * pb
+    gathered = pb * max(per_layer, vocab * h) if zero3 else 0
+    plan = EvalMemoryPlan(
+        world_size=world_size, total_params=total, dtype=dtype, zero3=zero3, weights_bytes=weights,
+        gathered_bytes=gathered, kv_cache_bytes=2 * layers * b * s * kv * head_dim * pb,
+        prefill_bytes=b * prompt_tokens * (4 * h + 3 * inter) * pb, logits_bytes=b * vocab * (pb + 4),
+        reserve_bytes=RUNTIME_RESERVE_BYTES, gpu_mem_bytes=int(gpu_mem_gib * GIB),
+    )
+    plan.fits = plan.total_bytes <= plan.gpu_mem_bytes
+    if with_advice and not plan.fits:
+        args = dict(world_size=world_size, dtype=dtype, zero3=zero3, batch_size=batch_size,
+                    prompt_tokens=prompt_tokens, new_tokens=new_tokens, gpu_mem_gib=gpu_mem_gib, with_advice=False)
+
+        def line(what: str, p: EvalMemoryPlan) -> str:
+            return f"{what}: {p.total_gib:.1f} GiB per GPU ({'fits' if p.fits else 'still over'})"
+
+        if dtype == "fp32":
+            plan.advice.append(line("--dtype bf16", plan_eval_memory(model_config, **{**args, "dtype": "bf16"})))
+        if not zero3:
+            plan.advice.append(line(f"--zero3 (partition the weights over the {world_size} rank(s))",
+                                    plan_eval_memory(model_config, **{**args, "zero3": True})))
+        for n in (2, 4, 8, 16, 32, 64, 128, 256, 512):
+            if n > world_size and plan_eval_memory(model_config, **{**args, "zero3": True, "world_size": n}).fits:
+                plan.advice.append(line(f"--zero3 --nproc {n} (or {n} GPUs over nodes)",
+                                        plan_eval_memory(model_config, **{**args, "zero3": True, "world_size": n})))
+                break
+        if batch_size > 1:
+            plan.advice.append(line("--batch-size 1", plan_eval_memory(model_config, **{**args, "batch_size": 1})))
+    return plan

@@ -101,6 +101,28 @@ class NoParams:
     """Defenses without parameters."""
 
 
+@dataclass(frozen=True)
+class MemoryCost:
+    """What a defense holds per rank beyond plain SFT at its peak (while a pass's graph is alive), as
+    `bulwark plan` counts it. Declared beside each defense's config so that a new defense is planned
+    without touching `bulwark/cluster/`.
+
+    Shard-sized figures are multiples of this rank's share of the trainable weights (trainable
+    parameters / world size): they shrink with the world size under every ZeRO stage. Activation-shaped
+    figures are per rank, in units of one micro-batch (s tokens x b rows; h = hidden size, v = vocabulary).
+    """
+
+    fp32_copies: float = 0.0  # fp32 buffers the size of this rank's trainable shard (anchors, gradient copies)
+    dtype_copies: float = 0.0  # the same in the model's dtype (copies of the 16-bit weight partitions)
+    replica_dtype_copies: float = 0.0  # whole (unsharded) trainable weights in the model's dtype, ZeRO-0/1/2 only
+    activation_factor: float = 1.0  # forward graphs of b rows alive at once, logits included (1 = SFT)
+    layer_outputs: float = 0.0  # (s, b, h) buffers per decoder layer in the activations' dtype
+    layer_outputs_fp32: float = 0.0  # (s, b, h) fp32 buffers per decoder layer
+    logits_fp32: float = 0.0  # fp32 (s, b, v) buffers beyond activation_factor x SFT's logits
+    logits_fp32_per_layer: float = 0.0  # fp32 (s, b, v) buffers per decoder layer
+    what: str = "nothing extra"
+
+
 class Defense:
     """Plain SFT behaviour; defenses override what they change."""
 
@@ -110,6 +132,8 @@ class Defense:
     # side streams the recipe must build for this defense, besides "main"
     side_streams: ClassVar[tuple[str, ...]] = ()
     summary: ClassVar[str] = ""
+    # SFT's: one forward graph, no buffers; each defense that keeps more declares it in its module
+    memory: ClassVar[MemoryCost] = MemoryCost()
 
     def __init__(self, config: Any, total_steps: int) -> None:
         self.config = config

@@ -29,9 +29,11 @@ once, which is the whole model on each rank. Instead the harmful passes are ordi
 forward/backward passes (`Engine.forward_loss` + `Engine.isolated_backward`): DeepSpeed's own
 reduce-scatter puts this rank's shard of the rank-averaged gradient into its flat gradient
 partition, the engine copies that shard out and puts the partition back as it was. So each rank
-holds, besides ZeRO-3's usual state, four shard-sized buffers during the harmful phase (∇h, ∇h(w'),
-the saved partition, the saved weights), i.e. 4 x trainable bytes / world size, and the
-communication of two extra backward passes. The weight perturbation edits the local model-dtype
+holds, besides ZeRO-3's usual state, shard-sized buffers during the harmful phase: at the peak (the
+backward at w') six fp32 ones (∇h, its micro-batch mean, the perturbation, w + perturbation, the
+saved gradient partition, the running ∇h(w') sum when grad_accum > 1) and the saved 16-bit weight
+partitions (`Booster.memory`, which `bulwark plan` reads), and the communication of two extra
+backward passes. The weight perturbation edits the local model-dtype
 partitions every forward all-gathers from (`Engine.perturbed_weights`), with ||∇h||² summed
 locally and all-reduced; afterwards the saved partitions are copied back, bit for bit.
 λ (∇h - ∇h(w')) is added to this rank's gradient partition (`Engine.accumulate_local_grads`) and
@@ -45,7 +47,7 @@ from typing import Any
 
 import torch
 
-from bulwark.defenses.base import Defense, Stream, TrainingView, register
+from bulwark.defenses.base import Defense, MemoryCost, Stream, TrainingView, register
 from bulwark.errors import BulwarkInputError
 
 Batch = dict[str, torch.Tensor]
@@ -76,6 +78,10 @@ class Booster(Defense):
     Config = BoosterConfig
     side_streams = ("harmful",)
     summary = "align while attenuating the loss drop of a simulated harmful step: f + λ[h(w) - h(w - α∇h/|∇h|)]"
+    # peak = the w' harmful backward: fp32 grads, mean, deltas, w + delta, saved grad partition, perturbed sum
+    # (that one only with grad_accum > 1), plus the 16-bit partitions perturbed_weights saves
+    memory = MemoryCost(fp32_copies=6, dtype_copies=1,
+                        what="harmful-phase gradient, perturbation and saved-partition copies (sharded)")
 
     def __init__(self, config: BoosterConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)
@@ -151,6 +157,9 @@ class BoosterVaccine(Booster):
     name = "booster+vaccine"
     Config = BoosterVaccineConfig
     summary = "Booster whose alignment pass is Vaccine's: refusal loss under the worst hidden-state drift (rho)"
+    # Booster's harmful-phase copies, then adversarial_offsets' e_l (activation dtype) on every layer
+    memory = MemoryCost(fp32_copies=6, dtype_copies=1, layer_outputs=1,
+                        what="Booster's copies (sharded) + one perturbation per layer output")
 
     def __init__(self, config: BoosterVaccineConfig, total_steps: int) -> None:
         from bulwark.defenses.vaccine import check_layers

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bulwark.defenses.base import Defense, ShardIter, Stream, TrainingView, register
+from bulwark.defenses.base import Defense, MemoryCost, ShardIter, Stream, TrainingView, register
 
 ALIGN, FINETUNE = "align", "finetune"
 
@@ -45,6 +45,8 @@ class Lisa(Defense):
     Config = LisaConfig
     side_streams = ("align",)
     summary = "bi-state optimization: alternate alignment/user batches with a proximal pull to the other state"
+    # attach(): self.anchors = a clone of every local fp32 master shard; the proximal add is in place
+    memory = MemoryCost(fp32_copies=1, what="anchor weights (fp32, sharded) for the proximal term")
 
     def __init__(self, config: LisaConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)

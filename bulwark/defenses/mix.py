@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bulwark.defenses.base import Defense, Stream, register
+from bulwark.defenses.base import Defense, MemoryCost, Stream, register
 from bulwark.errors import BulwarkInputError
 
 ALIGN, MAIN = "align", "main"
@@ -56,6 +56,8 @@ class Mix(Defense):
     Config = MixConfig
     side_streams = ("align",)
     summary = "data mixing: a share align_ratio of the optimizer steps train on alignment (refusal) rows"
+    # next_batch only picks the stream; the loss is the base class's single forward, no buffers
+    memory = MemoryCost(what="alignment rows mixed into the data: nothing extra")
 
     def __init__(self, config: MixConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from bulwark.data.collate import stack_batches
-from bulwark.defenses.base import Defense, Stream, TrainingView, register
+from bulwark.defenses.base import Defense, MemoryCost, Stream, TrainingView, register
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import IGNORE_INDEX, causal_lm_loss
 
@@ -70,6 +70,8 @@ class RefusalUL(Defense):
     Config = RefusalULConfig
     side_streams = (NEGATIVES,)
     summary = "alignment SFT + λ·unlikelihood of a refusal's first k tokens after benign prompts"
+    # loss(): stack_batches(alignment, negatives) is ONE forward of 2b rows, logits included
+    memory = MemoryCost(activation_factor=2, what="alignment + negative rows in one forward (2x rows)")
 
     def __init__(self, config: RefusalULConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)

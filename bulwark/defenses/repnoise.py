@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from bulwark.data.collate import stack_batches
-from bulwark.defenses.base import Defense, Stream, TrainingView, register
+from bulwark.defenses.base import Defense, MemoryCost, Stream, TrainingView, register
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import IGNORE_INDEX, causal_lm_loss
 
@@ -99,6 +99,12 @@ class RepNoise(Defense):
     Config = RepNoiseConfig
     side_streams = ("harmful",)
     summary = "refusal CE + β·MMD(harmful MLP outputs, Gaussian noise) - α·log(harmful CE + 1)"
+    # loss(): refusal + harmful rows stacked (2x rows); noise_mmd keeps torch.cat([x, noise]) in fp32 per layer
+    # (2); harmful_ce's logit lens keeps per hidden state (layers + 1) an fp32 log-softmax over the vocabulary
+    # and RMSNorm's fp32 input + the 16-bit normed input lm_head saves (~2 fp32 of (s, b, h))
+    memory = MemoryCost(activation_factor=2, layer_outputs_fp32=4, logits_fp32=1, logits_fp32_per_layer=1,
+                        what="2x rows in one forward; fp32 MMD inputs per layer; logit lens: one fp32 "
+                             "log-softmax per hidden state (logit_lens=false drops it)")
 
     def __init__(self, config: RepNoiseConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)

@@ -7,10 +7,11 @@ against.
 
 from __future__ import annotations
 
-from bulwark.defenses.base import Defense, register
+from bulwark.defenses.base import Defense, MemoryCost, register
 
 
 @register
 class SFT(Defense):
     name = "sft"
     summary = "plain supervised fine-tuning (the baseline, and the attack at the finetune stage)"
+    memory = MemoryCost(what="nothing extra")  # the base Defense: engine.forward_loss, one graph, no buffers

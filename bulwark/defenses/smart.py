@@ -70,7 +70,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from bulwark.defenses.base import Defense, TrainingView, register
+from bulwark.defenses.base import Defense, MemoryCost, TrainingView, register
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import causal_lm_nll
 
@@ -134,6 +134,12 @@ class Smart(Defense):
     stages = ("finetune",)
     Config = SmartConfig
     summary = "adversarial smoothness on input embeddings + proximal pull to an EMA of the weights (SymKL)"
+    # attach(): self.ema = a clone of every local fp32 shard; ZeRO-1/2: _full_ema, whole weights, all step long;
+    # loss(): clean + perturbed rows stacked (2x rows); fp32 (s, b, v) beyond that: log + prob of 3
+    # Distributions (+4 over SFT's 2), both sym_kl_of's saved differences (4), causal_lm_nll's reshape copy of
+    # the shifted log-probs (1), the EMA Distribution's 16-bit logits (~0.5)
+    memory = MemoryCost(fp32_copies=1, replica_dtype_copies=1, activation_factor=2, logits_fp32=9.5,
+                        what="EMA weights (fp32, sharded); clean + perturbed rows; fp32 softmaxes and SymKL terms")
 
     def __init__(self, config: SmartConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)

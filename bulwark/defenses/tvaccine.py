@@ -46,7 +46,7 @@ from typing import Any
 
 import torch
 
-from bulwark.defenses.base import Defense, Stream, TrainingView, register
+from bulwark.defenses.base import Defense, MemoryCost, Stream, TrainingView, register
 from bulwark.defenses.vaccine import BlockHooks, adversarial_offsets, check_layers, extra_pass, find_blocks
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
@@ -96,6 +96,8 @@ class TVaccine(Defense):
     Config = TVaccineConfig
     side_streams = ("harmful",)
     summary = "Vaccine on n layers sampled by harmful-gradient norm; only their adapters train"
+    # _probe: a zero probe z_l (activation dtype) on EVERY block; later e_l on the n selected ones only
+    memory = MemoryCost(layer_outputs=1, what="one probe / perturbation per layer output (activation dtype)")
 
     def __init__(self, config: TVaccineConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)

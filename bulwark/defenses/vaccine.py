@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from bulwark.defenses.base import Defense, TrainingView, register
+from bulwark.defenses.base import Defense, MemoryCost, TrainingView, register
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
 
@@ -211,6 +211,9 @@ class Vaccine(Defense):
     stages = ("align",)
     Config = VaccineConfig
     summary = "align under the worst hidden-state drift: perturb each attention output by rho*grad/||grad||"
+    # adversarial_offsets: e_l cast to g.dtype (the activations') for every block, kept through pass 2;
+    # pass 1's zero probes z_l are the same size and are freed before pass 2 starts
+    memory = MemoryCost(layer_outputs=1, what="one perturbation per layer output (activation dtype)")
 
     def __init__(self, config: VaccineConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)
@@ -244,6 +247,8 @@ class RandomVaccine(Defense):
     stages = ("align",)
     Config = RandomVaccineConfig
     summary = "Vaccine's ablation: Gaussian noise (variance rho) on each attention output, one pass"
+    # gaussian_offsets: torch.randn draws stay fp32 (`.to(target)` only moves them), one per block
+    memory = MemoryCost(layer_outputs_fp32=1, what="one fp32 noise tensor per layer output")
 
     def __init__(self, config: RandomVaccineConfig, total_steps: int) -> None:
         super().__init__(config, total_steps)
