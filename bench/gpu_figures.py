@@ -62,13 +62,12 @@ SMOKE_MODEL = {
     "num_key_value_heads": 2, "vocab_size": 1024, "tie_word_embeddings": False, "max_position_embeddings": 256,
 }
 DEFENSES = ["sft", "lisa", "vaccine", "t-vaccine", "booster", "repnoise", "smart"]
-ALL_CASES = ["bulwark:sft", "deepspeed", "torch"] + [f"bulwark:{d}" for d in DEFENSES[1:]] + ["offload", "lora7b"]
+ALL_CASES = (["bulwark:sft", "deepspeed", "torch"] + [f"bulwark:{d}" for d in DEFENSES[1:]]
+             + ["offload", "lora7b", "zero2", "mbs8"])
 # issue 14's targets: Bulwark vs bare DeepSpeed (tokens/s), and step time of a defense / Bulwark's SFT
 TARGET_VS_DEEPSPEED = 0.9
 TARGET_MFU = 0.40
 TARGET_RATIO = {"lisa": 1.05, "vaccine": 2.1, "t-vaccine": 2.1, "booster": 3.1, "repnoise": 2.3, "smart": 2.5}
-# defense name -> bulwark plan's key (plan.DEFENSES)
-PLAN_NAME = {"t-vaccine": "tvaccine"}
 
 
 def case_setup(case: str, smoke: bool = False) -> dict[str, Any]:
@@ -86,6 +85,10 @@ def _full_setup(case: str) -> dict[str, Any]:
              "warmup": 2, "steps": 5}
     if case == "offload":
         setup.update(ds_config="zero3_offload", warmup=1, steps=2)
+    elif case == "zero2":  # Bulwark's SFT without ZeRO-3's per-module parameter hooks
+        setup.update(ds_config="zero2")
+    elif case == "mbs8":  # Bulwark's SFT with twice the tokens per step for the same host work
+        setup.update(mbs=8)
     elif case.startswith("bulwark:"):
         setup["defense"] = case.split(":", 1)[1]
     return setup
@@ -100,12 +103,26 @@ def model_flops_per_step(cfg: dict[str, Any], mbs: int, seq: int) -> float:
 
 
 def build_model(cfg: dict[str, Any], dtype: torch.dtype) -> torch.nn.Module:
-    """A random Llama from its config; under an active HfDeepSpeedConfig (ZeRO-3) built inside zero.Init,
-    so each rank only ever holds its shard."""
+    """A random Llama from its config, on the GPU when there is one; under an active HfDeepSpeedConfig
+    (ZeRO-3) built inside zero.Init, so each rank only ever holds its shard.
+
+    transformers' own initialisation is skipped: under zero.Init it gathers every weight whole to draw
+    it, module by module. Instead each rank draws its own slice in place (N(0, 0.02), norms 1): the
+    same distribution, no gather. Timings depend on the values only through NaN/inf, which this rules
+    out. A case took ~25 s on the H200 for ~2 s of steps; `build_s` and `engine_s` in each Bulwark
+    case's JSON say where the rest goes (not yet measured on a GPU).
+    """
     from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers.initialization import no_init_weights
 
     config = LlamaConfig(**cfg, attn_implementation="sdpa")
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with device(), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local = param.ds_tensor if hasattr(param, "ds_tensor") else param.data  # ZeRO-3: this rank's slice
+            local.fill_(1.0) if "norm" in name else local.normal_(0.0, 0.02)
+    return model
 
 
 def random_batch(vocab: int, mbs: int, seq: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -157,7 +174,7 @@ def train_config(setup: dict[str, Any], total: int) -> Any:
 
 
 def run_torch(setup: dict[str, Any], prof_path: Path | None) -> list[float]:
-    model = build_model(setup["model"], torch.float32).to(device())
+    model = build_model(setup["model"], torch.float32)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     batch = random_batch(setup["model"]["vocab_size"], setup["mbs"], setup["seq"], device())
@@ -213,11 +230,18 @@ def run_bulwark(setup: dict[str, Any], prof_path: Path | None) -> tuple[list[flo
 
     total = setup["warmup"] + setup["steps"] + 2
 
-    def build() -> torch.nn.Module:
-        model = build_model(setup["model"], torch.bfloat16)
-        return models.apply_lora(model, LoraConfig(enabled=True)) if setup["lora"] else model
+    phases: dict[str, float] = {}
 
+    def build() -> torch.nn.Module:
+        t0 = time.perf_counter()
+        model = build_model(setup["model"], torch.bfloat16)
+        model = models.apply_lora(model, LoraConfig(enabled=True)) if setup["lora"] else model
+        phases["build_s"] = time.perf_counter() - t0
+        return model
+
+    t0 = time.perf_counter()
     engine = Engine(build, train_config(setup, total), setup["ds_config"], "bf16", total)
+    phases["engine_s"] = time.perf_counter() - t0 - phases["build_s"]
     defense = build_defense({"name": setup["defense"]}, "", total)
     defense.attach(engine)
     engine.add_pre_step_hook(defense.before_step)
@@ -237,7 +261,7 @@ def run_bulwark(setup: dict[str, Any], prof_path: Path | None) -> tuple[list[flo
     times = timed(step, setup["warmup"], setup["steps"])
     if prof_path:
         profile(step, prof_path)
-    return times, {"defense_state_bytes": tensor_bytes(defense.state_dict())}
+    return times, {"defense_state_bytes": tensor_bytes(defense.state_dict()), **phases}
 
 
 def planned(setup: dict[str, Any]) -> dict[str, Any]:
@@ -245,9 +269,10 @@ def planned(setup: dict[str, Any]) -> dict[str, Any]:
 
     offload = setup["ds_config"] == "zero3_offload"
     plan = plan_memory(
-        setup["model"], nodes=1, gpus_per_node=1, zero_stage=3, offload_optimizer=offload, offload_param=offload,
+        setup["model"], nodes=1, gpus_per_node=1, zero_stage=2 if setup["ds_config"] == "zero2" else 3,
+        offload_optimizer=offload, offload_param=offload,
         dtype="bf16", lora={"enabled": True, "r": 8, "target_modules": "all-linear"} if setup["lora"] else None,
-        defense=PLAN_NAME.get(setup["defense"], setup["defense"]), micro_batch_size=setup["mbs"],
+        defense=setup["defense"], micro_batch_size=setup["mbs"],
         seq_len=setup["seq"], gpu_mem_gib=139.0, with_advice=False,
     )
     return {"total_gib": plan.total_gib, **{label: b / GIB for label, b in plan.rows()}}
@@ -303,7 +328,9 @@ def run_all(args: argparse.Namespace) -> None:
     cases = args.cases.split(",") if args.cases else ALL_CASES
     deadline = time.monotonic() + args.budget_s
     results: dict[str, Any] = {}
-    for case in cases:
+    # --repeats N: the whole list N times, interleaved, so a slow spell of the machine hits every case
+    # alike; a case keeps its fastest median (the others stay in its "repeats" list)
+    for case in [c for _ in range(args.repeats) for c in cases]:
         left = deadline - time.monotonic()
         if left < 20:
             results[case] = {"case": case, "error": "skipped: time budget spent"}
@@ -320,9 +347,13 @@ def run_all(args: argparse.Namespace) -> None:
         except subprocess.TimeoutExpired as exc:
             ok, tail = False, f"timed out after {exc.timeout:.0f} s"
         if ok:
-            results[case] = json.loads(case_json.read_text())
+            row = json.loads(case_json.read_text())
             case_json.unlink()
-        else:
+            earlier = results.get(case, {})
+            medians = earlier.get("repeats", [earlier["step_s"]] if "step_s" in earlier else []) + [row["step_s"]]
+            results[case] = min(row, earlier, key=lambda r: r.get("step_s", float("inf"))) if earlier else row
+            results[case]["repeats"] = medians
+        elif "step_s" not in results.get(case, {}):
             results[case] = {"case": case, "error": tail}
         # written after every case: a run stopped at its time limit keeps the cases it finished
         (out_dir / "figures.json").write_text(json.dumps({"cases": results, "summary": summarize(results)}, indent=1))
@@ -387,6 +418,7 @@ def main() -> None:
     parser.add_argument("--cases", default="", help=f"comma list (default: all of {','.join(ALL_CASES)})")
     parser.add_argument("--budget-s", type=float, default=330.0, help="cases not started by then are skipped")
     parser.add_argument("--case-timeout-s", type=float, default=120.0)
+    parser.add_argument("--repeats", type=int, default=1, help="run the case list this many times, interleaved")
     parser.add_argument("--profile", default="bulwark:sft,deepspeed", help="cases to profile for 2 more steps")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU allowed: checks the script, no figures")
     parser.add_argument("--case", default="", help=argparse.SUPPRESS)
