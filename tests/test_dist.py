@@ -61,7 +61,6 @@ def test_no_tensor_collective_outside_the_helpers() -> None:
     """The review rule (docs/DESIGN.md): tensor collectives are called in bulwark/engine/dist.py only, whose
     helpers stage tensors on the collective device; anywhere else a CPU tensor could reach NCCL."""
     import ast
-    from pathlib import Path
 
     from tests.conftest import REPO
 
