@@ -154,7 +154,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
 def run_recover(cfg: BenchConfig, attacked: Cell, out: Path, data_overrides: list[str],
                 log: Callable[[str], None]) -> Cell:
     """`bulwark recover` of one fine-tuned model toward its aligned model; skipped when finished."""
-    from bulwark.recover.recipe import launch_recover
+    from bulwark.launch import launch
 
     run_dir = out / f"rec_{attacked.align_defense}_{attacked.finetune_defense}_p{attacked.p}"
     if (run_dir / "DONE").is_file():
@@ -164,7 +164,7 @@ def run_recover(cfg: BenchConfig, attacked: Cell, out: Path, data_overrides: lis
         overrides = [f"out_dir={run_dir}", f"aligned={out / f'align_{attacked.align_defense}' / 'model'}",
                      f"finetuned={attacked.model_dir}", *data_overrides, *_flatten("", cfg.recover_overrides)]
         # a recover run has no checkpoints to resume from: a killed one starts over
-        code = launch_recover(None, overrides, overwrite=run_dir.exists())
+        code = launch("recover", None, overrides, overwrite=run_dir.exists())
         if code:
             raise RuntimeError(f"bench: recover of {attacked.label} failed with exit code {code} (see {run_dir})")
     return Cell(f"{attacked.label}+recover", run_dir / "model", "recover", attacked.align_defense,

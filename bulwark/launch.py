@@ -1,7 +1,22 @@
-"""Start a stage: validate in this process, then run in process (under torchrun/srun) or spawn torchrun.
+"""The one launcher: every stage starts here, from the CLI, from `bulwark bench`, and in SLURM jobs.
 
-Validation happens before any rank starts so that bad input costs one clear line and exit code 2,
-with nothing written to the output folder, instead of N ranks printing N tracebacks.
+    launch(stage, config, overrides, ...)   check everything that needs no rank, then start the ranks
+    start(stage, argv, nproc)               run the stage's rank entry: in this process when it already
+                                            is a rank, else under torchrun with `nproc` ranks
+
+A stage is a recipe module under `bulwark/recipes/` (STAGES) with two functions:
+
+    prepare(config, overrides, *, resume, overwrite, resume_if_present, stop_after) -> (nproc, argv)
+        every check that needs no rank (bad input costs one line and exit code 2 here, before N ranks
+        print N tracebacks), and the argv its rank entry takes;
+    main(argv)
+        the rank entry, `python -m bulwark.recipes.<stage> argv` under torchrun or srun.
+
+"Already a rank" means torchrun's variables (LOCAL_RANK and WORLD_SIZE) are set, or BULWARK_RANK=1, which
+a script that starts ranks some other way sets. Never SLURM_PROCID alone: inside `salloc` or `srun --pty`
+every shell has it, and a stage started there must still start its `launch.nproc` ranks. A rank entry
+ends its process (`exit_after_success`), so nothing that must go on afterwards (bench, the demo) may call
+one in its own process: they call `launch`, which spawns.
 """
 
 from __future__ import annotations
@@ -10,10 +25,17 @@ import importlib
 import os
 import subprocess
 import sys
+from typing import Any
 
 from bulwark.errors import BulwarkInputError
 
-STAGES = ("align", "finetune")
+STAGES: dict[str, str] = {
+    "align": "bulwark.recipes.align",
+    "finetune": "bulwark.recipes.finetune",
+    "recover": "bulwark.recipes.recover",
+    "eval": "bulwark.recipes.eval",
+}
+RANK_MARKER = "BULWARK_RANK"
 
 # glibc hands every freed block over 128 KiB back to the kernel, so each ZeRO-3 gather of a layer
 # page-faults fresh zeroed memory again (a third of a CPU step's time went to the kernel). Keeping
@@ -30,37 +52,15 @@ CPU_MALLOC_ENV = {
 }
 
 
-def validate(stage: str, config: str | None, overrides: list[str], resume: bool, overwrite: bool) -> int:
-    """Everything that can be checked without starting DeepSpeed; returns launch.nproc."""
-    from pathlib import Path
-
-    from bulwark import models
-    from bulwark.config import load_config
-    from bulwark.defenses import build_defense
-    from bulwark.engine import fill_ds_config, read_ds_config
-    from bulwark.recipes.loop import check_run_dir
-
-    cfg = load_config(config, overrides, stage)
-    defense = build_defense(cfg.defense, stage, cfg.train.steps)
-    check_run_dir(Path(cfg.out_dir), resume, overwrite)
-    fill_ds_config(read_ds_config(cfg.launch.ds_config), cfg.train, cfg.model.dtype, cfg.launch.nproc)
-    models.resolve_model_path(models.base_of(cfg.model.name))  # converts the embedded model once, here
-    recipe = importlib.import_module(f"bulwark.recipes.{stage}")
-    recipe.build_plan(cfg, defense)  # reads and checks every data file the ranks will read
-    return cfg.launch.nproc
+def recipe(stage: str) -> Any:
+    if stage not in STAGES:
+        raise BulwarkInputError(f"unknown stage '{stage}' (one of {', '.join(STAGES)})")
+    return importlib.import_module(STAGES[stage])
 
 
-def recipe_argv(
-    config: str | None, overrides: list[str], resume: bool, overwrite: bool, stop_after: int
-) -> list[str]:
-    argv = ([config] if config else []) + list(overrides)
-    if resume:
-        argv.append("--resume")
-    if overwrite:
-        argv.append("--overwrite")
-    if stop_after:
-        argv += ["--stop-after", str(stop_after)]
-    return argv
+def is_rank_process(env: dict[str, str] | None = None) -> bool:
+    env = os.environ if env is None else env
+    return ("LOCAL_RANK" in env and "WORLD_SIZE" in env) or env.get(RANK_MARKER) == "1"
 
 
 def launch(
@@ -70,32 +70,41 @@ def launch(
     resume: bool = False,
     overwrite: bool = False,
     stop_after: int = 0,
+    resume_if_present: bool = False,
 ) -> int:
     """Returns the exit code: 0 done, 2 bad input, other = a rank failed."""
-    if stage not in STAGES:
-        raise BulwarkInputError(f"unknown stage '{stage}' (one of {', '.join(STAGES)})")
-    nproc = validate(stage, config, overrides, resume, overwrite)
-    argv = recipe_argv(config, overrides, resume, overwrite, stop_after)
-    if "LOCAL_RANK" in os.environ or "SLURM_PROCID" in os.environ:
-        importlib.import_module(f"bulwark.recipes.{stage}").main(argv)
+    nproc, argv = recipe(stage).prepare(config, list(overrides), resume=resume, overwrite=overwrite,
+                                        resume_if_present=resume_if_present, stop_after=stop_after)
+    port = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("launch.master_port=")), 0)
+    return start(stage, argv, nproc, port)
+
+
+def start(stage: str, argv: list[str], nproc: int, master_port: int = 0) -> int:
+    """Run `stage`'s rank entry with `argv`: here when this process is a rank, else under torchrun."""
+    module = recipe(stage)
+    if is_rank_process():
+        module.main(argv)
         return 0
     from bulwark.engine.dist import free_port
 
-    cfg_port = next((o.split("=", 1)[1] for o in overrides if o.startswith("launch.master_port=")), "0")
-    port = int(cfg_port) or free_port()
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
-        "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(port),
-        "-m", f"bulwark.recipes.{stage}", *argv,
+        "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port()),
+        "-m", STAGES[stage], *argv,
     ]
-    env = {**os.environ, "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}
+    return subprocess.call(cmd, env=rank_env(dict(os.environ), nproc))
+
+
+def rank_env(env: dict[str, str], nproc: int) -> dict[str, str]:
+    """The environment torchrun's ranks get: on a GPU machine as it is (minus DS_ACCELERATOR=cpu), on a
+    CPU machine with the thread and malloc settings below."""
     import torch
 
     if torch.cuda.is_available():
-        env.pop("DS_ACCELERATOR")
-    else:
-        env = with_cpu_rank_env(env, nproc)
-    return subprocess.call(cmd, env=env)
+        env.pop("DS_ACCELERATOR", None)
+        return env
+    env.setdefault("DS_ACCELERATOR", "cpu")
+    return with_cpu_rank_env(env, nproc)
 
 
 def with_cpu_rank_env(env: dict[str, str], nproc: int) -> dict[str, str]:
@@ -103,3 +112,14 @@ def with_cpu_rank_env(env: dict[str, str], nproc: int) -> dict[str, str]:
     among the ranks (torchrun pins every rank to one thread) and freed memory kept in the heap."""
     cpu = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **CPU_MALLOC_ENV}
     return {**cpu, **env}
+
+
+def stage_argv(config: str | None, overrides: list[str], *, resume: bool = False, overwrite: bool = False,
+               resume_if_present: bool = False, stop_after: int = 0) -> list[str]:
+    """The argv every config-driven rank entry takes: [CONFIG] key=value ... [flags]."""
+    argv = ([config] if config else []) + list(overrides)
+    argv += ["--resume"] if resume else []
+    argv += ["--overwrite"] if overwrite else []
+    argv += ["--resume-if-present"] if resume_if_present else []
+    argv += ["--stop-after", str(stop_after)] if stop_after else []
+    return argv

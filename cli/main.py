@@ -68,18 +68,7 @@ def recover(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
 ) -> None:
     """Repair a fine-tuned model toward its aligned one (method=restore: gradient-ranked restore with rollback; safelora)."""
-    from bulwark.recover.recipe import launch_recover
-
-    overrides = list(overrides or [])
-    if config is not None and "=" in config:
-        overrides.insert(0, config)
-        config = None
-    try:
-        code = launch_recover(config, overrides, overwrite)
-    except BulwarkInputError as exc:
-        fail(str(exc))
-    if code:
-        raise typer.Exit(code)
+    _run_stage("recover", config, overrides, False, overwrite, 0)
 
 
 @app.command()

@@ -317,7 +317,7 @@ def test_render_single_node(tmp_path):
                  "#SBATCH --time=01:00:00", "#SBATCH --output=logs/%x-%j-%N.out", "#SBATCH --requeue",
                  "#SBATCH --signal=B:USR1@120", "#SBATCH --partition=gpu", "#SBATCH --job-name=j1",
                  'scontrol requeue "$SLURM_JOB_ID"', "trap requeue USR1", "export BULWARK_DATA_DIR=",
-                 "-m bulwark.recipes.align cfg.yaml $RESUME_FLAG train.lr=2e-5"):
+                 "-m bulwark.recipes.align cfg.yaml train.lr=2e-5 --resume-if-present"):
         assert line in s, line
     assert "--account" not in s and "@@" not in s
     assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"' in s
@@ -345,6 +345,32 @@ def test_render_rejects_bad_input():
         render_sbatch("c.yaml", stage="train", nodes=1, gpus_per_node=1)  # type: ignore[arg-type]
     with pytest.raises(BulwarkInputError, match="key=value"):
         render_sbatch("c.yaml", nodes=1, gpus_per_node=1, extra_overrides=["oops"])
+    with pytest.raises(BulwarkInputError, match="one line"):
+        render_sbatch("c.yaml", nodes=1, gpus_per_node=1, extra_overrides=["train.lr=1\nrm -rf ~"])
+    for bad in ("gpu;rm -rf ~", "gpu\n#SBATCH --uid=0", "a b", "$(id)"):
+        with pytest.raises(BulwarkInputError, match="partition"):
+            render_sbatch("c.yaml", nodes=1, gpus_per_node=1, partition=bad)
+        with pytest.raises(BulwarkInputError, match="account"):
+            render_sbatch("c.yaml", nodes=1, gpus_per_node=1, account=bad)
+    with pytest.raises(BulwarkInputError, match="newline"):
+        render_sbatch("c\n.yaml", nodes=1, gpus_per_node=1)
+    with pytest.raises(BulwarkInputError, match="one node"):
+        render_sbatch("b.yaml", stage="bench", nodes=2, gpus_per_node=1)
+    # a config name with shell syntax is quoted, never run
+    script = render_sbatch("my $(id) cfg.yaml", nodes=1, gpus_per_node=1)
+    assert "-m bulwark.recipes.finetune 'my $(id) cfg.yaml' --resume-if-present" in script
+
+
+def test_cli_slurm_bad_input_writes_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    cfg = _run_config(tmp_path)
+    out = tmp_path / "job.sbatch"
+    for args, says in ((["--stage", "train"], "stage"), (["--nodes", "0"], "nodes"), (["--gpus-per-node", "0"], "nodes"),
+                       (["--partition", "gpu;reboot"], "partition"), (["--account", "a\nb"], "account")):
+        res = CliRunner().invoke(_app(), ["slurm", str(cfg), "--out", str(out), *args])
+        assert res.exit_code == 2 and says in res.output, (args, res.output)
+        assert res.output.count("\n") == 1 and not out.exists()
 
 
 FAKE_BIN = {
@@ -396,17 +422,17 @@ def test_sbatch_runs_under_fake_slurm(tmp_path):
     argv = (tmp_path / "argv.txt").read_text().split("\n")[:-1]
     assert argv == ["--nnodes", "2", "--nproc_per_node", "4", "--rdzv_backend", "c10d",
                     "--rdzv_endpoint", f"node-a:{29500 + 4242}", "--rdzv_id", "4242",
-                    "-m", "bulwark.recipes.finetune", "cfg.yaml", "train.steps=3"]
+                    "-m", "bulwark.recipes.finetune", "cfg.yaml", "train.steps=3", "--resume-if-present"]
     calls = (tmp_path / "calls.log").read_text()
     assert "scontrol show hostnames node-[a-b]" in calls
     assert "srun --output=logs/%x-%j-%N.rank.out" in calls
     assert f"DATA={tmp_path}/data MASTER=node-a:{29500 + 4242}" in calls
-    # A requeued job resumes from its last checkpoint; a failing step's exit code is the job's.
+    # A requeued job runs the same command (--resume-if-present decides); a failing step's exit code is the job's.
     res = subprocess.run(["bash", str(script)], env={**env, "SLURM_RESTART_COUNT": "1", "FAKE_RC": "3"},
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 3
     argv = (tmp_path / "argv.txt").read_text().split("\n")[:-1]
-    assert argv[-3:] == ["cfg.yaml", "--resume", "train.steps=3"]
+    assert argv[-3:] == ["cfg.yaml", "train.steps=3", "--resume-if-present"]
 
 
 def test_sbatch_requeues_on_usr1(tmp_path):

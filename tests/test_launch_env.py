@@ -12,3 +12,22 @@ def test_launcher_settings_fill_in_and_user_settings_win() -> None:
     assert {k: env[k] for k in CPU_MALLOC_ENV if k != "MALLOC_MMAP_MAX_"} == {
         "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30), "MALLOC_TOP_PAD_": str(2**30)}
     assert with_cpu_rank_env({}, nproc=1)["MALLOC_MMAP_MAX_"] == "0"
+
+
+def test_a_rank_is_torchruns_or_bulwarks_never_slurm_procid_alone() -> None:
+    from bulwark.launch import is_rank_process
+
+    assert not is_rank_process({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1"})
+    assert is_rank_process({"LOCAL_RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "0"})
+    assert is_rank_process({"BULWARK_RANK": "1"})
+    assert not is_rank_process({"LOCAL_RANK": "0"})  # torchrun sets both
+
+
+def test_unknown_stage_is_one_line() -> None:
+    import pytest
+
+    from bulwark.errors import BulwarkInputError
+    from bulwark.launch import launch
+
+    with pytest.raises(BulwarkInputError, match="unknown stage 'train'"):
+        launch("train", None, [])

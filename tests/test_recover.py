@@ -257,10 +257,10 @@ def stage_args(models_dir: Path, out: Path) -> list[str]:
 
 def test_two_ranks_restore_the_same_elements_as_one_process(models_dir: Path, data_dir: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from bulwark.recover.recipe import check_inputs, run
+    from bulwark.recipes.recover import check_inputs, run
 
     monkeypatch.setenv("BULWARK_DATA_DIR", str(data_dir))
-    proc = torchrun(["-m", "bulwark.recover.recipe", *stage_args(models_dir, tmp_path / "two")], 2, data_dir)
+    proc = torchrun(["-m", "bulwark.recipes.recover", *stage_args(models_dir, tmp_path / "two")], 2, data_dir)
     check(proc)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun rank: same kernels, same rounding
@@ -300,7 +300,7 @@ def test_two_ranks_zero3_generation_metrics_finish(models_dir: Path, data_dir: P
             "data.template=alpaca", "data.harmful_n=5", "data.task_n=3", "data.max_length=48", "task.metric=accuracy",
             "task.n=5", "task.max_new_tokens=3", "task.batch_size=2", "eval.n=3", "eval.max_new_tokens=4",
             "restore.steps=2", "restore.warmup_steps=1", "restore.checkpoint_every=1", "restore.micro_batch_size=2"]
-    check(torchrun(["-m", "bulwark.recover.recipe", *args], 2, data_dir))
+    check(torchrun(["-m", "bulwark.recipes.recover", *args], 2, data_dir))
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["zero3"] and summary["world_size"] == 2 and "accuracy" in summary["task_metric"]
     assert [c["step"] for c in summary["checkpoints"]] == [1, 2]
@@ -408,7 +408,7 @@ def test_lora_adapter_as_b_is_merged_first(models_dir: Path, data_dir: Path, tmp
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     import peft
 
-    from bulwark.recover.recipe import check_inputs, run
+    from bulwark.recipes.recover import check_inputs, run
 
     monkeypatch.setenv("BULWARK_DATA_DIR", str(data_dir))
     lora = peft.get_peft_model(load_model(str(models_dir / "A")), peft.LoraConfig(r=2, lora_alpha=4,

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from bulwark.recipes.recover import check_inputs, run
 from bulwark.recover.checkpoints import TensorStore
 from bulwark.recover.config import load_recover_config
-from bulwark.recover.recipe import check_inputs, run
 from bulwark.recover.safelora import decide, projection_matrix, run_safelora
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]

@@ -18,6 +18,7 @@ from bulwark.cluster.plan import (
     GIB,
     EvalMemoryPlan,
     MemoryPlan,
+    checkpoint_bytes,
     plan_eval_memory,
     plan_memory,
     resolve_model_config,
@@ -217,6 +218,7 @@ def plan(
     console.print(table)
     for note in p.notes:
         console.print(f"note: {note}", highlight=False)
+    console.print(checkpoint_line(s), highlight=False)
     if p.fits:
         console.print(f"[green]fits[/]: {p.total_gib:.1f} GiB of {gpu_mem_gib:g} GiB per GPU "
                       f"({(p.gpu_mem_bytes - p.total_bytes) / GIB:.1f} GiB free)")
@@ -235,12 +237,22 @@ def plan(
     raise typer.Exit(2)
 
 
+def checkpoint_line(s: RunSettings) -> str:
+    """What preemption costs and saves: checkpoint size, how often, and the disk the kept ones take."""
+    if not s.checkpoint_every:
+        return ("checkpoint: none before the last step (train.checkpoint_every=0): a preempted job starts "
+                "again from step 0")
+    size = checkpoint_bytes(resolve_model_config(s.model_name), lora=s.lora, defense=s.defense) / GIB
+    return (f"checkpoint: every {s.checkpoint_every} of {s.steps} steps, {size:.0f} GiB each, "
+            f"{s.keep_checkpoints} kept ({size * s.keep_checkpoints:.0f} GiB of disk)")
+
+
 def slurm(
-    config: Annotated[Path, typer.Argument(help="Run config YAML.")],
-    overrides: Annotated[list[str] | None, typer.Argument(help="key=value run-config overrides.")] = None,
+    config: Annotated[Path, typer.Argument(help="The stage's config YAML (run config; recover, eval or bench YAML).")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key=value overrides.")] = None,
     nodes: Annotated[int | None, typer.Option(help="Nodes (default: launch.nnodes, else 1).")] = None,
     gpus_per_node: Annotated[int | None, typer.Option(help="GPUs per node (default: launch.nproc, else 8).")] = None,
-    stage: Annotated[str, typer.Option(help="align, finetune, recover or eval.")] = "finetune",
+    stage: Annotated[str, typer.Option(help="align, finetune, recover, eval or bench.")] = "finetune",
     submit_job: Annotated[bool, typer.Option("--submit", help="Submit with sbatch after rendering.")] = False,
     out: Annotated[Path | None, typer.Option(help="Write the script here (default: stdout; "
                                                   "logs/<job>.sbatch with --submit).")] = None,
@@ -248,19 +260,16 @@ def slurm(
     time: Annotated[str, typer.Option(help="SLURM time limit.")] = "24:00:00",
     partition: Annotated[str | None, typer.Option(help="SLURM partition.")] = None,
     account: Annotated[str | None, typer.Option(help="SLURM account.")] = None,
-    resume: Annotated[bool, typer.Option(help="Pass --resume on the first start too.")] = False,
 ) -> None:
-    """Render an sbatch script (srun + torchrun) for a run config, and submit it with --submit."""
+    """Render an sbatch script (srun + torchrun, requeue on preemption, --resume-if-present on every start)
+    for one stage, and submit it with --submit."""
     with _input_errors():
-        # the overrides reach the job's argv below; read them here too, so that nodes, GPUs and the batch
-        # check follow what the job will run (and a bad key fails now, not in the queue)
-        settings = run_settings(load_run_config(config, overrides))
-        n, g = _world(settings, nodes, gpus_per_node)
-        ds = load_ds_config(settings.ds_config, config.parent)
-        check_ds_batch_sizes(ds, settings.micro_batch_size, settings.grad_accum, n * g)
+        # the overrides reach the job's argv; read them here too, so that nodes, GPUs and the checks follow
+        # what the job will run (and a bad key fails now, not in the queue)
+        n, g = _job_world(stage, config, overrides or [], nodes, gpus_per_node)
         script = render_sbatch(
             config, stage=stage, nodes=n, gpus_per_node=g, job_name=job_name, time=time,  # type: ignore[arg-type]
-            partition=partition, account=account, extra_overrides=overrides or [], resume=resume,
+            partition=partition, account=account, extra_overrides=overrides or [],
         )
         if out is None and not submit_job:
             typer.echo(script, nl=False)
@@ -272,6 +281,37 @@ def slurm(
         typer.echo(f"wrote {path}")
         if submit_job:
             typer.echo(f"submitted job {submit(path)}")
+
+
+def _job_world(stage: str, config: Path, overrides: list[str], nodes: int | None, gpus: int | None) -> tuple[int, int]:
+    """(nodes, GPUs per node) of the job, after reading the stage's config with its overrides: the same
+    checks the stage makes on its config (no model or data is read on the login node)."""
+    if stage in ("align", "finetune"):
+        settings = run_settings(load_run_config(config, overrides))
+        n, g = _world(settings, nodes, gpus)
+        ds = load_ds_config(settings.ds_config, config.parent)
+        check_ds_batch_sizes(ds, settings.micro_batch_size, settings.grad_accum, n * g)
+        return n, g
+    if stage == "recover":
+        from bulwark.recover.config import load_recover_config
+
+        ranks = load_recover_config(config, overrides).launch.nproc
+    elif stage == "eval":
+        from bulwark.recipes.eval import resolve
+
+        ranks = resolve(str(config), overrides)[2]
+    elif stage == "bench":
+        from bulwark.bench import _flatten, load_bench_config
+
+        cfg = load_bench_config(config, overrides)
+        ranks = max([1] + [int(item.split("=", 1)[1]) for section in (cfg.align, cfg.finetune)
+                           for item in _flatten("", section) if item.startswith("launch.nproc=")])
+    else:
+        raise BulwarkInputError(f"stage {stage!r}: use one of align, finetune, recover, eval, bench")
+    n, g = nodes or 1, gpus or ranks
+    if n < 1 or g < 1:
+        raise BulwarkInputError(f"nodes and gpus per node must be >= 1 (got nodes={n}, gpus_per_node={g})")
+    return n, g
 
 
 def register(app: typer.Typer) -> None:

@@ -364,6 +364,25 @@ def plan_memory(
     return plan
 
 
+def checkpoint_bytes(model_config: dict[str, Any], *, lora: dict[str, Any] | None = None,
+                     defense: str = "sft") -> int:
+    """Disk for one DeepSpeed checkpoint of a run, all ranks together.
+
+    The optimizer-state files hold the fp32 master weights and both AdamW moments of the trainable
+    parameters (12 bytes each, also for fp32 training); ZeRO-3's model-state files hold shapes only;
+    each rank's `bulwark_rank<r>.pt` holds the defense's fp32 copies (Lisa's anchor, SMART's EMA: 4 bytes
+    each; counted for every declared copy, so an upper bound for defenses whose copies only live inside
+    a step, Booster's). Measured on the tiny Llama (Lisa, bf16, ZeRO-3, 2 ranks): 12.3 + 5.1 bytes per
+    parameter, the excess being pickle headers and RNG states that do not grow with the model.
+    """
+    from bulwark.defenses import REGISTRY
+
+    use_lora = bool(lora and lora.get("enabled", True))
+    trainable = count_lora_params(model_config, lora) if use_lora else count_params(model_config)  # type: ignore[arg-type]
+    copies = REGISTRY[defense].memory.fp32_copies if defense in REGISTRY else 0
+    return int(trainable * (12 + 4 * copies))
+
+
 def _advice(model_config: dict[str, Any], args: dict[str, Any]) -> list[str]:
     """Each change that lowers memory, with the per-GPU total it gives (re-planned)."""
 

@@ -49,6 +49,9 @@ class RunSettings:
     nnodes: int | None
     nproc: int | None
     ds_config: str
+    steps: int = 0
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
 
 def load_run_config(path: Path, overrides: list[str] | None = None) -> Config:
@@ -72,6 +75,9 @@ def run_settings(cfg: Config) -> RunSettings:
         nproc=cfg.launch.nproc,
         ds_config=cfg.launch.ds_config if cfg.launch.ds_config.endswith(".json") else
         f"ds_configs/{cfg.launch.ds_config}.json",
+        steps=cfg.train.steps,
+        checkpoint_every=cfg.train.checkpoint_every,
+        keep_checkpoints=cfg.train.keep_checkpoints,
     )
 
 

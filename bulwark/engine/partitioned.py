@@ -26,7 +26,13 @@ from typing import Any
 import torch
 
 from bulwark.config import TrainConfig
-from bulwark.engine.core import fill_ds_config, gathered, is_partitioned, read_ds_config
+from bulwark.engine.core import (
+    check_partitioned_param,
+    fill_ds_config,
+    gathered,
+    is_partitioned,
+    read_ds_config,
+)
 from bulwark.engine.dist import init_distributed
 from bulwark.errors import BulwarkInputError
 
@@ -59,6 +65,11 @@ def load_partitioned(model_dir: str | Path, dtype: str, ds_config: str = "zero3"
     _, world, _ = init_distributed()
     holder = HfDeepSpeedConfig(zero3_config(ds_config, dtype, world))
     model = load_model(str(model_dir), dtype)
+    first = next(model.parameters(), None)
+    if first is not None:
+        # zero.Init partitions every parameter alike (at any world size): one stands for all, so a
+        # DeepSpeed that renamed ds_tensor/ds_numel fails here, not in the middle of a recovery
+        check_partitioned_param(first)
     model._bulwark_hf_ds_config = holder  # keeps transformers' weak reference alive with the model
     return model
 

@@ -51,7 +51,7 @@ class RunLogger:
         if self.progress.disable:
             print(f"step {step}/{self.total}  {info}", flush=True)
 
-    def close(self, peak_bytes: int) -> None:
+    def close(self, peak_bytes: int, world_size: int = 1) -> None:
         if self.rank != 0:
             return
         self.progress.stop()
@@ -61,6 +61,7 @@ class RunLogger:
             "mean_step_s": sum(times) / max(1, len(times)),
             "wall_s": time.perf_counter() - self.started,
             "peak_mem_bytes_rank0": peak_bytes,
+            "world_size": world_size,
         }
         self.file.close()
         (self.path.parent / "train_summary.json").write_text(json.dumps(summary, indent=1))

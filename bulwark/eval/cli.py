@@ -6,11 +6,7 @@
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,32 +18,6 @@ from bulwark.errors import BulwarkInputError
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
-
-
-def _eval_options() -> set[str]:
-    """run_eval's keyword options (out_dir, judge, task, ...), the keys an eval YAML may set."""
-    from bulwark.eval.run import run_eval
-
-    params = inspect.signature(run_eval).parameters
-    return {name for name, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY} - {"log"}
-
-
-def _from_yaml(path: Path) -> dict[str, Any]:
-    """An eval YAML: `model:` plus any run_eval option (out_dir, judge, task, meta, ...)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise BulwarkInputError(f"{path}: cannot read it as YAML ({exc})") from None
-    if not isinstance(data, dict):
-        raise BulwarkInputError(f"{path}: expected a mapping of options (model: ..., out_dir: ...)")
-    data = {k.replace("-", "_"): v for k, v in data.items()}
-    allowed = {"model", "nproc", *_eval_options()}
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise BulwarkInputError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-    return data
 
 
 def eval_command(
@@ -76,6 +46,7 @@ def eval_command(
     """Harmful score (HS, HS+), over-refusal and fine-tune accuracy of one model."""
     from bulwark.eval.device import check_partition, resolve_dtype
     from bulwark.eval.run import parse_meta, run_eval
+    from bulwark.recipes.eval import read_eval_yaml
 
     try:
         if zero3 and partition not in (None, "zero3"):
@@ -87,7 +58,7 @@ def eval_command(
                  "data_dir": data_dir, "fa_judge": fa_judge, "nproc": nproc}
         options: dict[str, Any] = {}
         if model.endswith((".yaml", ".yml")):
-            options = _from_yaml(Path(model))
+            options = read_eval_yaml(Path(model))
             if "model" not in options:
                 raise BulwarkInputError(f"{model}: needs a 'model:' key (the model or adapter folder)")
             model = str(options.pop("model"))
@@ -97,27 +68,18 @@ def eval_command(
         world = int(options.pop("nproc", 1) or 1)
         resolve_dtype(options.get("dtype"))  # bad values fail here, before any process starts
         partitioned = check_partition(options.get("partition")) == "zero3"
-        # ZeRO-3 runs in torchrun ranks even at world size 1: DeepSpeed and its process group stay out
-        # of this process, and each rank ends through the engine's clean exit.
-        if (world > 1 or partitioned) and "LOCAL_RANK" not in os.environ:
-            raise typer.Exit(_spawn_torchrun(model, options, world))
+        # Ranks come from the one launcher (bulwark/launch.py); ZeRO-3 runs in torchrun ranks even at world
+        # size 1, so DeepSpeed and its process group stay out of this process.
+        if world > 1 or partitioned:
+            from bulwark.launch import start
+            from bulwark.recipes.eval import as_overrides
+
+            raise typer.Exit(start("eval", as_overrides(model, options, world), world))
         summary = run_eval(model, **options)
     except BulwarkInputError as exc:
         _fail(str(exc))
     if summary is not None:
         typer.echo(json.dumps({k: v for k, v in summary.items() if k != "meta"}, indent=2))
-
-
-def _spawn_torchrun(model: str, options: dict[str, Any], world: int) -> int:
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
-            "-m", "bulwark.eval.run", model]
-    for key, value in options.items():
-        if key == "meta":
-            for k, v in value.items():
-                argv += ["--meta", f"{k}={v}"]
-        elif value is not None:
-            argv += [f"--{key.replace('_', '-')}", str(value)]
-    return subprocess.call(argv)
 
 
 def judge_train_command(

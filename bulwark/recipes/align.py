@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from bulwark.config import Config
 from bulwark.defenses import Defense
-from bulwark.recipes.loop import StagePlan, run_stage
+from bulwark.recipes.loop import StagePlan, prepare_stage, run_stage
 from bulwark.recipes.streams import (
     benign_refusal_rows,
     benign_rows,
@@ -27,6 +27,11 @@ def build_plan(cfg: Config, defense: Defense) -> StagePlan:
     if "benign_refusals" in defense.side_streams:
         streams["benign_refusals"] = benign_refusal_rows(cfg, refusals, benign)
     return StagePlan(streams)
+
+
+def prepare(config: str | None, overrides: list[str], **flags: object) -> tuple[int, list[str]]:
+    """The launcher's checks before any rank starts (bulwark/launch.py); returns (ranks, rank argv)."""
+    return prepare_stage("align", build_plan, config, overrides, **flags)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:

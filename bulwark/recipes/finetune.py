@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from bulwark.config import Config
 from bulwark.defenses import Defense
-from bulwark.recipes.loop import StagePlan, run_stage
+from bulwark.recipes.loop import StagePlan, prepare_stage, run_stage
 from bulwark.recipes.streams import alignment_rows, attack_mix, harmful_rows, mix_writer
 
 
@@ -22,6 +22,11 @@ def build_plan(cfg: Config, defense: Defense) -> StagePlan:
     if "harmful" in defense.side_streams:
         streams["harmful"] = harmful_rows(cfg, cfg.data.align_n)
     return StagePlan(streams, writers={"attack_mix.json": mix_writer(rows, harmful_idx, cfg.data.p)})
+
+
+def prepare(config: str | None, overrides: list[str], **flags: object) -> tuple[int, list[str]]:
+    """The launcher's checks before any rank starts (bulwark/launch.py); returns (ranks, rank argv)."""
+    return prepare_stage("finetune", build_plan, config, overrides, **flags)  # type: ignore[arg-type]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,14 @@
 """The training loop every stage runs, and the run-folder rules around it.
 
 A stage recipe (align.py, finetune.py) decides which rows form which stream; this file owns the
-rest, top to bottom: validate -> run folder -> engine -> streams -> resume -> loop -> export.
+rest, top to bottom: prepare (in the launcher's process) -> run folder -> engine -> streams -> resume
+-> loop -> export.
+
+Starting over a run folder (`start_mode`): a fresh start needs an empty folder (or --overwrite);
+--resume needs a finished checkpoint; --resume-if-present, what SLURM jobs pass on every start, resumes
+from the last checkpoint when there is one, starts over a folder that holds only an unfinished attempt
+of this very config (a job preempted before its first checkpoint), does nothing for a finished run of
+this config (a requeue after the end), and refuses a folder that holds another run.
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ def parse_args(argv: list[str] | None, stage: str) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--resume-if-present", action="store_true",
+                        help="resume when a checkpoint exists, else start; what SLURM jobs pass (module doc)")
     parser.add_argument("--stop-after", type=int, default=0, help="stop after this many optimizer steps")
     args = parser.parse_args(argv)
     if args.config is not None and "=" in args.config:  # no YAML file, only overrides
@@ -55,6 +64,55 @@ def check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
         return
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise BulwarkInputError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume")
+
+
+def start_mode(out_dir: Path, resolved_config: str, resume: bool, overwrite: bool, resume_if_present: bool) -> str:
+    """"fresh", "overwrite", "resume" or "done" for a run of `resolved_config` (its config.yaml text) in
+    `out_dir`; bad combinations are BulwarkInputErrors. Reads the folder only: every rank decides alike."""
+    if not resume_if_present:
+        check_run_dir(out_dir, resume, overwrite)
+        return "resume" if resume else ("overwrite" if out_dir.exists() and overwrite else "fresh")
+    if resume or overwrite:
+        raise BulwarkInputError("--resume-if-present decides itself: drop --resume / --overwrite")
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return "fresh"
+    saved = out_dir / "config.yaml"
+    if not saved.is_file() or saved.read_text() != resolved_config:
+        raise BulwarkInputError(f"--resume-if-present: {out_dir} holds another run (its config.yaml differs); "
+                                "give another out_dir or remove it")
+    if (out_dir / "DONE").is_file():
+        return "done"
+    return "resume" if (out_dir / "checkpoints" / "latest").is_file() else "overwrite"
+
+
+def config_text(cfg: Config) -> str:
+    """The resolved config as `config.yaml` holds it."""
+    import yaml
+
+    from bulwark.config import to_dict
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def prepare_stage(stage: str, build_plan: Any, config: str | None, overrides: list[str], *, resume: bool = False,
+                  overwrite: bool = False, resume_if_present: bool = False, stop_after: int = 0,
+                  ) -> tuple[int, list[str]]:
+    """Everything a training stage can check without starting DeepSpeed (the launcher's `prepare`):
+    config, defense, run folder, DeepSpeed config, model path, every data file. Returns
+    (launch.nproc, the rank entry's argv)."""
+    from bulwark import models
+    from bulwark.engine import fill_ds_config, read_ds_config
+    from bulwark.launch import stage_argv
+
+    cfg = load_config(config, overrides, stage)
+    defense = build_defense(cfg.defense, stage, cfg.train.steps)
+    start_mode(Path(cfg.out_dir), config_text(cfg), resume, overwrite, resume_if_present)
+    fill_ds_config(read_ds_config(cfg.launch.ds_config), cfg.train, cfg.model.dtype, cfg.launch.nproc)
+    models.resolve_model_path(models.base_of(cfg.model.name))  # converts the embedded model once, here
+    build_plan(cfg, defense)  # reads and checks every data file the ranks will read
+    argv = stage_argv(config, overrides, resume=resume, overwrite=overwrite, resume_if_present=resume_if_present,
+                      stop_after=stop_after)
+    return cfg.launch.nproc, argv
 
 
 def tokenize_streams(plan: StagePlan, tokenizer: Any, cfg: Config) -> dict[str, list[dict]]:
@@ -95,7 +153,11 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
     cfg = load_config(args.config, args.overrides, stage)
     out_dir = Path(cfg.out_dir)
     defense = build_defense(cfg.defense, stage, cfg.train.steps)
-    check_run_dir(out_dir, args.resume, args.overwrite)
+    mode = start_mode(out_dir, config_text(cfg), args.resume, args.overwrite, args.resume_if_present)
+    if mode == "done":
+        print(f"{out_dir}: this run finished already (DONE); nothing to do", file=sys.stderr)
+        return
+    resuming = mode == "resume"
     tokenizer = models.load_tokenizer(models.base_of(cfg.model.name))
     plan = build_plan(cfg, defense)
     missing = [s for s in ("main", *defense.side_streams) if s not in plan.streams]
@@ -105,8 +167,8 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
 
     rank, world_size, _ = init_distributed()
     fill_ds_config(read_ds_config(cfg.launch.ds_config), cfg.train, cfg.model.dtype, world_size)
-    if rank == 0 and not args.resume:
-        if out_dir.exists() and args.overwrite:
+    if rank == 0 and not resuming:
+        if mode == "overwrite":
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_config(cfg, out_dir / "config.yaml")
@@ -138,7 +200,7 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
 
     ckpt_root = out_dir / "checkpoints"
     start = 0
-    if args.resume:
+    if resuming:
         client, per_rank = engine.load_checkpoint(ckpt_root)
         start = int(client["step"])
         for name, state in client["streams"].items():
@@ -165,7 +227,7 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
         every = cfg.train.checkpoint_every
         if every and ((step + 1) % every == 0 or step + 1 == stop_at):
             save(engine, ckpt_root, step + 1, streams, defense)
-    logger.close(peak_memory_bytes())
+    logger.close(peak_memory_bytes(), world_size)
 
     if stop_at == cfg.train.steps:
         engine.export(out_dir, tokenizer)

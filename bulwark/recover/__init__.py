@@ -5,7 +5,7 @@
 - hidden.py     last-token hidden states and their gradients, one decoder layer at a time
 - task.py       recovery / task prompts, the task metric, the HS figure
 - checkpoints.py model folders read tensor by tensor; the repaired folder written shard by shard
-- recipe.py     the stage: `python -m bulwark.recover.recipe CONFIG k=v` (under torchrun or not)
+- the stage itself is bulwark/recipes/recover.py (`bulwark recover CONFIG k=v`, started by bulwark/launch.py)
 - config.py     the stage's typed config
 """
 

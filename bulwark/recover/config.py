@@ -154,7 +154,12 @@ def use_zero3(cfg: RecoverConfig, world_size: int) -> bool:
     return world_size > 1 if choice == "auto" else choice == "true"
 
 
+def recover_config_text(cfg: RecoverConfig) -> str:
+    """The resolved config as the run folder's config.yaml holds it."""
+    return yaml.safe_dump({**asdict(cfg), "stage": "recover"}, sort_keys=False)
+
+
 def write_recover_config(cfg: RecoverConfig, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump({**asdict(cfg), "stage": "recover"}, sort_keys=False))
+    tmp.write_text(recover_config_text(cfg))
     tmp.replace(path)

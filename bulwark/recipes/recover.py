@@ -1,13 +1,15 @@
-"""`bulwark recover`: repair a fine-tuned model B toward its aligned model A.
+"""`bulwark recover`: repair a fine-tuned model B toward its aligned model A (the math: bulwark/recover/).
 
-    python -m bulwark.recover.recipe [CONFIG] [key=value ...] [--overwrite]         one process
-    torchrun --nproc_per_node N -m bulwark.recover.recipe [CONFIG] [key=value ...]   N ranks
+    bulwark recover [CONFIG] [key=value ...] [--overwrite]          starts launch.nproc ranks (bulwark/launch.py)
+    torchrun --nproc_per_node N -m bulwark.recipes.recover [CONFIG] [key=value ...] [--resume-if-present]
 
 `method=restore` (default): gradient-ranked restore with rollback (bulwark/recover/method.py).
 `method=safelora`: SafeLoRA-style projection (bulwark/recover/safelora.py), one process.
 
 Everything that can be checked without loading a model (config, model folders, A/B compatibility, data
-files, prompts) is checked before any rank starts: bad input costs one `error:` line and exit code 2.
+files, prompts) is checked before any rank starts (`prepare`): bad input costs one `error:` line and exit
+code 2. Recover keeps no checkpoints: --resume-if-present (SLURM jobs) starts an unfinished attempt of the
+same config over and leaves a finished one alone (bulwark/recipes/loop.py: start_mode).
 
 The run folder (out_dir):
   config.yaml     the resolved config
@@ -21,12 +23,10 @@ The run folder (out_dir):
 
 from __future__ import annotations
 
-import argparse
 import atexit
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -36,7 +36,13 @@ from typing import Any
 import torch
 
 from bulwark.errors import BulwarkInputError
-from bulwark.recover.config import RecoverConfig, load_recover_config, write_recover_config
+from bulwark.recipes.loop import parse_args, start_mode
+from bulwark.recover.config import (
+    RecoverConfig,
+    load_recover_config,
+    recover_config_text,
+    write_recover_config,
+)
 
 
 @dataclass
@@ -62,16 +68,14 @@ def _model_folder(name: str, key: str) -> Path:
         raise BulwarkInputError(f"{key}: {exc}") from None
 
 
-def check_inputs(cfg: RecoverConfig, overwrite: bool) -> Inputs:
+def check_inputs(cfg: RecoverConfig, overwrite: bool, resume_if_present: bool = False) -> Inputs:
     """Resolve and check every input; raises BulwarkInputError with one clear line."""
     from bulwark import models
     from bulwark.data.readers import resolve_data_dir
     from bulwark.recover.checkpoints import check_compatible
 
-    out = Path(cfg.out_dir)
-    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun rank 0 may already have made out_dir
-    if first_rank and out.exists() and any(out.iterdir()) and not overwrite:
-        raise BulwarkInputError(f"{out} already holds a run; pass --overwrite to replace it")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 may already have made out_dir
+        start_mode(Path(cfg.out_dir), recover_config_text(cfg), False, overwrite, resume_if_present)
     aligned = _model_folder(cfg.aligned, "aligned")
     finetuned_base = None
     base = _model_folder(cfg.base, "base") if cfg.base else None
@@ -111,36 +115,21 @@ def _check_restore_data(cfg: RecoverConfig, data_dir: Path | None) -> None:
         load_rows(cfg.eval.prompts, cfg.eval.n, data_dir, "eval.prompts", fmt="prompt_only")
 
 
-# ---- launching ------------------------------------------------------------------------------------------
+# ---- the launcher's checks ------------------------------------------------------------------------------
 
 
-def _argv(config: str | None, overrides: list[str], overwrite: bool) -> list[str]:
-    return ([config] if config else []) + list(overrides) + (["--overwrite"] if overwrite else [])
+def prepare(config: str | None, overrides: list[str], *, resume: bool = False, overwrite: bool = False,
+            resume_if_present: bool = False, stop_after: int = 0) -> tuple[int, list[str]]:
+    """Check every input before any rank starts (bulwark/launch.py); returns (ranks, rank argv)."""
+    from bulwark.launch import stage_argv
 
-
-def launch_recover(config: str | None, overrides: list[str], overwrite: bool = False) -> int:
-    """Check the inputs here, then run in this process (one rank, or already under torchrun/srun) or
-    start torchrun with launch.nproc ranks. Returns the exit code."""
-    from bulwark.engine.dist import free_port, under_launcher
-
+    if resume or stop_after:
+        raise BulwarkInputError("recover keeps no checkpoints: --resume / --stop-after do not apply "
+                                "(--resume-if-present starts an unfinished attempt over)")
     cfg = load_recover_config(config, overrides)
-    inputs = check_inputs(cfg, overwrite)
+    check_inputs(cfg, overwrite, resume_if_present)
     nproc = 1 if cfg.method == "safelora" else cfg.launch.nproc
-    if nproc == 1 or under_launcher() or "SLURM_PROCID" in os.environ:
-        run(cfg, inputs, overwrite)
-        from bulwark.engine.dist import exit_after_success
-
-        exit_after_success()
-        return 0
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-           "--master_addr", "127.0.0.1", "--master_port", str(cfg.launch.master_port or free_port()),
-           "-m", "bulwark.recover.recipe", *_argv(config, overrides, overwrite)]
-    env = dict(os.environ)
-    if not torch.cuda.is_available():
-        from bulwark.launch import with_cpu_rank_env
-
-        env = with_cpu_rank_env(env, nproc)
-    return subprocess.call(cmd, env=env)
+    return nproc, stage_argv(config, overrides, overwrite=overwrite, resume_if_present=resume_if_present)
 
 
 def _init_ranks(cfg: RecoverConfig) -> tuple[int, int]:
@@ -342,26 +331,25 @@ def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank:
 # ---- entry point ----------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m bulwark.recover.recipe")
-    parser.add_argument("config", nargs="?", default=None)
-    parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--overwrite", action="store_true")
-    args = parser.parse_args(argv)
-    if args.config is not None and "=" in args.config:  # no YAML file, only overrides
-        args.overrides.insert(0, args.config)
-        args.config = None
-    return args
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    """The rank entry (`python -m bulwark.recipes.recover` under torchrun, or `bulwark.launch.start`)."""
+    from bulwark.engine.dist import exit_after_success
+
+    args = parse_args(argv, "recover")
     try:
-        code = launch_recover(args.config, args.overrides, args.overwrite)
+        if args.resume or args.stop_after:
+            raise BulwarkInputError("recover keeps no checkpoints: --resume / --stop-after do not apply")
+        cfg = load_recover_config(args.config, args.overrides)
+        mode = start_mode(Path(cfg.out_dir), recover_config_text(cfg), False, args.overwrite, args.resume_if_present)
+        if mode == "done":
+            print(f"{cfg.out_dir}: this recover run finished already (DONE); nothing to do", file=sys.stderr)
+            return
+        inputs = check_inputs(cfg, True)  # the folder was judged just above, by every rank alike
+        run(cfg, inputs, overwrite=mode == "overwrite")
     except BulwarkInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(code)
+    exit_after_success()
 
 
 if __name__ == "__main__":
