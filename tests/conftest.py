@@ -84,3 +84,19 @@ def plain_model(model_dir: Path, lora: bool, state: dict) -> torch.nn.Module:
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     return model
+
+
+def save_recover_pair(root: Path) -> Path:
+    """The recover tests' models: A (tiny seed 0) and B = A + 0.05 * noise, saved in fp32 under root/A, root/B."""
+    from bulwark.models import tiny_llama
+
+    model, tokenizer = tiny_llama(seed=0)
+    model.save_pretrained(root / "A")
+    tokenizer.save_pretrained(root / "A")
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+    model.save_pretrained(root / "B")
+    tokenizer.save_pretrained(root / "B")
+    return root

@@ -23,19 +23,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A (tiny seed 0) and B = A + noise, saved in fp32 (a bf16 run loads them with dtype=bf16)."""
-    from bulwark.models import tiny_llama
+    from tests.conftest import save_recover_pair
 
-    root = tmp_path_factory.mktemp("gpu_recover")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "A")
-    tokenizer.save_pretrained(root / "A")
-    noise = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=noise))
-    model.save_pretrained(root / "B")
-    tokenizer.save_pretrained(root / "B")
-    return root
+    return save_recover_pair(tmp_path_factory.mktemp("gpu_recover"))
 
 
 def recover(models_dir: Path, data_dir: Path, out: Path, on_gpu: bool, *extra: str) -> dict:

@@ -12,28 +12,19 @@ import pytest
 import torch
 
 from bulwark.errors import BulwarkInputError
-from bulwark.models import load_model, save_tiny_llama, tiny_llama
+from bulwark.models import load_model, save_tiny_llama
 from bulwark.recover.checkpoints import TensorStore, check_compatible
 from bulwark.recover.config import RestoreConfig, load_recover_config
 from bulwark.recover.hidden import make_batches
 from bulwark.recover.method import Restorer, chosen_weights
-from tests.conftest import bulwark_cli, check, torchrun
+from tests.conftest import bulwark_cli, check, save_recover_pair, torchrun
 
 # ---- fixtures: A (tiny seed 0), B = A + noise, and models that do not fit A -------------------------------
 
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("recover")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "A")
-    tokenizer.save_pretrained(root / "A")
-    noise = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=noise))
-    model.save_pretrained(root / "B")
-    tokenizer.save_pretrained(root / "B")
+    root = save_recover_pair(tmp_path_factory.mktemp("recover"))
     save_tiny_llama(root / "wide", seed=0, hidden_size=48)  # another architecture (config differs)
     save_tiny_llama(root / "mlp48", seed=0, intermediate=48)  # same config keys checked, other shapes
     return root

@@ -137,18 +137,22 @@ def plan_eval_run(config: Path, *, nodes: int | None = None, gpus_per_node: int 
     return plan, model
 
 
+def _memory_table(title: str, rows: list[tuple[str, int]], total_bytes: int, gpu_mem_gib: float) -> Table:
+    table = Table(title=title)
+    table.add_column("component")
+    table.add_column("GiB", justify="right")
+    for label, nbytes in rows:
+        table.add_row(label, _gib(nbytes))
+    table.add_row("[bold]total[/]", f"[bold]{_gib(total_bytes)}[/]")
+    table.add_row("GPU memory", f"{gpu_mem_gib:.2f}")
+    return table
+
+
 def _print_eval_plan(config: Path, p: EvalMemoryPlan, model: str, gpu_mem_gib: float) -> None:
     console = Console()
     console.print(f"[bold]{model}[/]: {p.total_params / 1e9:.3f}B parameters; eval on {p.world_size} rank(s), "
                   f"{p.dtype}, {'ZeRO-3 partitioned' if p.zero3 else 'a replica per rank'}")
-    table = Table(title="eval memory per GPU")
-    table.add_column("component")
-    table.add_column("GiB", justify="right")
-    for label, nbytes in p.rows():
-        table.add_row(label, _gib(nbytes))
-    table.add_row("[bold]total[/]", f"[bold]{_gib(p.total_bytes)}[/]")
-    table.add_row("GPU memory", f"{gpu_mem_gib:.2f}")
-    console.print(table)
+    console.print(_memory_table("eval memory per GPU", p.rows(), p.total_bytes, gpu_mem_gib))
     if p.fits:
         console.print(f"[green]fits[/]: {p.total_gib:.1f} GiB of {gpu_mem_gib:g} GiB per GPU")
         return
@@ -208,14 +212,7 @@ def plan(
         f"({lora}); {n} node(s) x {g} GPU(s) = {p.world_size} rank(s); ZeRO-{stage}, offload {offload}; "
         f"{s.dtype}; defense {s.defense}; micro batch {s.micro_batch_size} x {s.max_length} tokens"
     )
-    table = Table(title="memory per GPU")
-    table.add_column("component")
-    table.add_column("GiB", justify="right")
-    for label, nbytes in p.rows():
-        table.add_row(label, _gib(nbytes))
-    table.add_row("[bold]total[/]", f"[bold]{_gib(p.total_bytes)}[/]")
-    table.add_row("GPU memory", f"{gpu_mem_gib:.2f}")
-    console.print(table)
+    console.print(_memory_table("memory per GPU", p.rows(), p.total_bytes, gpu_mem_gib))
     for note in p.notes:
         console.print(f"note: {note}", highlight=False)
     console.print(checkpoint_line(s), highlight=False)
