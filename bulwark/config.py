@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -115,6 +117,8 @@ STAGE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _closest(key: str, valid: list[str]) -> str:
+    if not valid:
+        return "; this section takes no keys"
     match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
 
@@ -253,18 +257,41 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None, stage: str = "") -> Config:
-    """Stage defaults < YAML file < key=value overrides."""
+    """Stage defaults < YAML file < key=value overrides.
+
+    The `defense` section comes back resolved: every parameter of the named defense, defaults included
+    (so the run's config.yaml records what it ran with). An override that changes `defense.name` drops the
+    file's parameters of the other defense, with a one-line note, instead of failing on them.
+    """
     values = deep_merge({}, STAGE_DEFAULTS.get(stage, {}))
-    if path is not None:
-        values = deep_merge(values, read_yaml(path))
-    values = deep_merge(values, parse_overrides(overrides or []))
+    from_file = read_yaml(path) if path is not None else {}
+    given = parse_overrides(overrides or [])
+    _drop_replaced_defense(from_file, given)
+    values = deep_merge(deep_merge(values, from_file), given)
     values.pop("stage", None)
     cfg = build_dataclass(Config, values, "")
     cfg.stage = stage
-    if "name" not in cfg.defense:
-        cfg.defense = {"name": "sft", **cfg.defense}
+    from bulwark.defenses import (
+        resolve_defense_spec,  # defenses import config, not the other way at load time
+    )
+
+    cfg.defense = resolve_defense_spec(cfg.defense)
     validate(cfg)
     return cfg
+
+
+def _drop_replaced_defense(from_file: dict[str, Any], given: dict[str, Any]) -> None:
+    file_defense, given_defense = from_file.get("defense"), given.get("defense")
+    if not isinstance(file_defense, dict) or not isinstance(given_defense, dict) or "name" not in given_defense:
+        return
+    old = file_defense.get("name", "sft")
+    if old == given_defense["name"]:
+        return
+    dropped = sorted(k for k in file_defense if k != "name" and k not in given_defense)
+    if dropped and os.environ.get("RANK", "0") == "0":
+        print(f"note: defense.name={given_defense['name']} replaces the file's {old}: its "
+              f"{', '.join('defense.' + k for k in dropped)} dropped", file=sys.stderr)
+    from_file["defense"] = {}
 
 
 def validate(cfg: Config) -> None:

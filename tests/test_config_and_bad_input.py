@@ -20,7 +20,8 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
                       "finetune")
     assert cfg.train.lr == 0.001 and cfg.train.steps == 7
     assert cfg.model.lora.enabled is True and cfg.model.lora.target_modules == ["q_proj", "v_proj"]
-    assert cfg.defense == {"name": "lisa", "rho": 2}
+    # resolved at load: the file's value, every other Lisa parameter at its default
+    assert cfg.defense == {"name": "lisa", "align_steps": 100, "finetune_steps": 900, "rho": 2.0, "proximal_warmup": 0.1}
     assert load_config(None, [], "align").train.lr == 5e-5  # stage default
 
 

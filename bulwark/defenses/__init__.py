@@ -11,6 +11,16 @@ from bulwark.defenses import (  # noqa: F401  (registration side effect)
     tvaccine,
     vaccine,
 )
-from bulwark.defenses.base import REGISTRY, Defense, MemoryCost, build_defense, describe, register
+from bulwark.defenses.base import (
+    REGISTRY,
+    Defense,
+    MemoryCost,
+    build_defense,
+    defense_config,
+    describe,
+    register,
+    resolve_defense_spec,
+)
 
-__all__ = ["REGISTRY", "Defense", "MemoryCost", "build_defense", "describe", "register"]
+__all__ = ["REGISTRY", "Defense", "MemoryCost", "build_defense", "defense_config", "describe", "register",
+           "resolve_defense_spec"]

@@ -176,7 +176,17 @@ def register(cls: type[Defense]) -> type[Defense]:
 
 def build_defense(spec: dict[str, Any], stage: str, total_steps: int) -> Defense:
     """`spec` is the config's `defense` section: {"name": ..., params...}. Unknown keys are errors."""
-    from bulwark.config import build_dataclass  # config imports nothing from here; keep it one-way
+    cls, config = defense_config(spec)
+    if stage and stage not in cls.stages:
+        raise BulwarkInputError(
+            f"defense '{cls.name}' runs at stage {'/'.join(cls.stages)}, not '{stage}' (see `bulwark defenses`)"
+        )
+    return cls(config, total_steps)
+
+
+def defense_config(spec: dict[str, Any]) -> tuple[type[Defense], Any]:
+    """(the registered class, its typed Config) for a `defense` section; one-line errors name the key."""
+    from bulwark.config import build_dataclass  # config imports nothing from here at import time
 
     params = dict(spec)
     name = str(params.pop("name", "sft"))
@@ -189,12 +199,14 @@ def build_defense(spec: dict[str, Any], stage: str, total_steps: int) -> Defense
             f"unknown defense '{name}'{hint} (registered: {', '.join(sorted(REGISTRY))}; see `bulwark defenses`)"
         )
     cls = REGISTRY[name]
-    if stage and stage not in cls.stages:
-        raise BulwarkInputError(
-            f"defense '{name}' runs at stage {'/'.join(cls.stages)}, not '{stage}' (see `bulwark defenses`)"
-        )
-    config = build_dataclass(cls.Config, params, "defense")
-    return cls(config, total_steps)
+    return cls, build_dataclass(cls.Config, params, "defense")
+
+
+def resolve_defense_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """{"name": ..., every parameter of that defense with its default filled in}; unknown names and keys
+    are the same one-line errors `build_defense` gives."""
+    cls, config = defense_config(spec)
+    return {"name": cls.name, **dataclasses.asdict(config)}
 
 
 def describe() -> list[dict[str, Any]]:
