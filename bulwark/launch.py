@@ -88,11 +88,52 @@ def start(stage: str, argv: list[str], nproc: int, master_port: int = 0) -> int:
     from bulwark.engine.dist import free_port
 
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
+        sys.executable, "-m", "bulwark.launch",  # torchrun, minus its own traceback (quiet_torchrun)
         "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port()),
         "-m", STAGES[stage], *argv,
     ]
-    return subprocess.call(cmd, env=rank_env(dict(os.environ), nproc))
+    import tempfile
+
+    from bulwark.errors import ERROR_FILE_ENV
+
+    fd, error_file = tempfile.mkstemp(prefix="bulwark-error-")
+    os.close(fd)
+    child = subprocess.Popen(cmd, env={**rank_env(dict(os.environ), nproc), ERROR_FILE_ENV: error_file})
+    try:
+        while True:
+            try:
+                code = child.wait()
+                break
+            except KeyboardInterrupt:  # Ctrl-C reached the ranks too: let them say where to resume, then leave
+                continue
+        first = next((line for line in open(error_file).read().splitlines() if line.strip()), "")
+        if code and first:
+            print(first, file=sys.stderr, flush=True)
+        return code
+    finally:
+        os.unlink(error_file)
+
+
+def quiet_torchrun(argv: list[str]) -> int:
+    """torchrun with `argv`, returning the first failed rank's exit code instead of raising: the ranks
+    already printed their one-line error, torchrun's 40-line ChildFailedError report would bury it."""
+    import logging
+
+    # torchrun's elastic loggers take their level from LOGLEVEL when first made, below: errors only
+    os.environ.setdefault("LOGLEVEL", "ERROR")
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun_main
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        torchrun_main(argv)
+    except ChildFailedError as exc:
+        codes = [f.exitcode for f in exc.failures.values()]
+        return next((c for c in codes if c > 0), 128 + abs(min(codes, default=1)))
+    except (KeyboardInterrupt, SignalException):  # the ranks got the signal too and said where to resume
+        return 130
+    return 0
 
 
 def rank_env(env: dict[str, str], nproc: int) -> dict[str, str]:
@@ -123,3 +164,7 @@ def stage_argv(config: str | None, overrides: list[str], *, resume: bool = False
     argv += ["--resume-if-present"] if resume_if_present else []
     argv += ["--stop-after", str(stop_after)] if stop_after else []
     return argv
+
+
+if __name__ == "__main__":
+    sys.exit(quiet_torchrun(sys.argv[1:]))

@@ -12,6 +12,7 @@ own process. With --resume-if-present (SLURM jobs), an eval whose summary.json e
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> None:
         rank, _ = init_from_env(options["partition"])
         run_eval(model, **options, log=_log if rank == 0 else (lambda _m: None))
     except BulwarkInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from bulwark.errors import report
+
+        report(f"error: {exc}", os.environ.get("RANK", "0") == "0")
         shutdown()
         raise SystemExit(2) from None
     except BaseException:

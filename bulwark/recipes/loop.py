@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import shutil
 import sys
 import time
@@ -30,6 +32,16 @@ from bulwark.config import Config, load_config, write_config
 from bulwark.data import DistributedStream, Example, tokenize_example
 from bulwark.defenses import Defense, build_defense
 from bulwark.errors import BulwarkInputError
+
+RUN_MARKER = ".bulwark-run"  # written first into every run folder Bulwark makes; --overwrite removes only those
+FAILED = "FAILED"  # a run that stopped on an error: its one-line reason, then the traceback
+LOCK_SUFFIX = ".lock"  # beside the run folder: {"pid", "host"}, its mtime refreshed every step
+LOCK_STALE_S = 600  # a lock of another host untouched this long belongs to a dead run (requeued jobs move nodes)
+EXIT_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 2, 3, 130
+
+
+class Diverged(Exception):
+    """The loss or gradient norm became non-finite: the run stops, keeps its last good checkpoint, exports nothing."""
 
 
 @dataclass
@@ -57,13 +69,26 @@ def parse_args(argv: list[str] | None, stage: str) -> argparse.Namespace:
 
 
 def check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
-    """An existing run is never overwritten by accident; --resume needs a finished checkpoint."""
+    """An existing run is never overwritten by accident; --resume needs a finished checkpoint; --overwrite
+    removes only a folder Bulwark made (it holds RUN_MARKER), never a folder of the user's own files."""
+    check_lock(out_dir)
     if resume:
         if not (out_dir / "checkpoints" / "latest").is_file():
             raise BulwarkInputError(f"--resume: {out_dir} has no finished checkpoint (checkpoints/latest)")
         return
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+    if not out_dir.exists() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / RUN_MARKER).is_file():
+        raise BulwarkInputError(f"{out_dir} holds files Bulwark did not write (no {RUN_MARKER}); Bulwark only ever "
+                                "replaces its own run folders: choose another out_dir or move the files")
+    if not overwrite and not failed_before_a_checkpoint(out_dir):
         raise BulwarkInputError(f"{out_dir} already holds a run; pass --overwrite to replace it or --resume")
+
+
+def failed_before_a_checkpoint(out_dir: Path) -> bool:
+    """A run that stopped on an error before its first checkpoint: nothing in it is worth keeping, so a rerun
+    replaces it without --overwrite."""
+    return (out_dir / FAILED).is_file() and not (out_dir / "checkpoints" / "latest").is_file()
 
 
 def start_mode(out_dir: Path, resolved_config: str, resume: bool, overwrite: bool, resume_if_present: bool) -> str:
@@ -71,18 +96,97 @@ def start_mode(out_dir: Path, resolved_config: str, resume: bool, overwrite: boo
     `out_dir`; bad combinations are BulwarkInputErrors. Reads the folder only: every rank decides alike."""
     if not resume_if_present:
         check_run_dir(out_dir, resume, overwrite)
-        return "resume" if resume else ("overwrite" if out_dir.exists() and overwrite else "fresh")
+        if resume:
+            return "resume"
+        return "overwrite" if out_dir.exists() and any(out_dir.iterdir()) else "fresh"
     if resume or overwrite:
         raise BulwarkInputError("--resume-if-present decides itself: drop --resume / --overwrite")
+    check_lock(out_dir)
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return "fresh"
     saved = out_dir / "config.yaml"
-    if not saved.is_file() or saved.read_text() != resolved_config:
+    if not (out_dir / RUN_MARKER).is_file() or not saved.is_file() or saved.read_text() != resolved_config:
         raise BulwarkInputError(f"--resume-if-present: {out_dir} holds another run (its config.yaml differs); "
                                 "give another out_dir or remove it")
     if (out_dir / "DONE").is_file():
         return "done"
     return "resume" if (out_dir / "checkpoints" / "latest").is_file() else "overwrite"
+
+
+def lock_path(out_dir: Path) -> Path:
+    return out_dir.with_name(out_dir.name + LOCK_SUFFIX)
+
+
+def check_lock(out_dir: Path) -> None:
+    """Refuse a run folder another live run is writing; a dead holder's lock is taken over."""
+    holder = _live_holder(lock_path(out_dir))
+    if holder:
+        raise BulwarkInputError(f"{out_dir} is being written by another run ({holder}); wait for it to end or stop it")
+
+
+def _live_holder(path: Path) -> str:
+    import socket
+
+    try:
+        info = json.loads(path.read_text())
+        age = time.time() - path.stat().st_mtime
+    except (OSError, ValueError):
+        return ""
+    pid, host = int(info.get("pid", 0)), str(info.get("host", ""))
+    if pid == os.getpid():
+        return ""
+    if host != socket.gethostname():
+        return "" if age > LOCK_STALE_S else f"pid {pid} on {host}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return ""
+    except PermissionError:
+        pass
+    return f"pid {pid}"
+
+
+def take_lock(out_dir: Path) -> bool:
+    """Rank 0: hold the run folder's lock (O_EXCL; a dead holder's lock is replaced). False when a live run
+    holds it (the caller makes every rank refuse alike)."""
+    import socket
+
+    path = lock_path(out_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _live_holder(path):
+                return False
+            path.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"pid": os.getpid(), "host": socket.gethostname()}, f)
+        return True
+    return False
+
+
+def release_lock(out_dir: Path) -> None:
+    path = lock_path(out_dir)
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError):
+        pass
+
+
+def mark_failed(out_dir: Path, line: str, details: str = "") -> None:
+    """FAILED holds the one-line reason (and the traceback), so that the folder is never taken for a
+    finished or resumable run and a rerun may replace it. Any rank may write it; the first one's stays."""
+    if not (out_dir / RUN_MARKER).is_file():
+        return
+    try:
+        fd = os.open(out_dir / FAILED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(line + "\n" + details)
 
 
 def config_text(cfg: Config) -> str:
@@ -123,21 +227,84 @@ def tokenize_streams(plan: StagePlan, tokenizer: Any, cfg: Config) -> dict[str, 
 
 
 def run_stage(stage: str, argv: list[str] | None, build_plan: Any) -> None:
-    """Entry point of `python -m bulwark.recipes.<stage>` in every rank (under torchrun or srun)."""
+    """Entry point of `python -m bulwark.recipes.<stage>` in every rank (under torchrun or srun).
+
+    Whatever stops a rank ends in one line on stderr and an exit code, never a traceback on the terminal:
+    2 for input a rank rejected before training began (a value DeepSpeed refuses, weights that do not
+    load, an unreadable upload; the traceback goes to the run folder's FAILED file), 3 for a diverged
+    run, 130 for Ctrl-C / SIGTERM (with where to resume from), 1 for a failure during training. A run
+    folder that failed before its first checkpoint is marked FAILED and a rerun replaces it.
+    """
+    import signal
+    import traceback
+
     args = parse_args(argv, stage)
     # DeepSpeed calls torch collectives that torch has renamed; the warning repeats every step
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    signal.signal(signal.SIGTERM, _interrupt)  # torchrun and SLURM stop ranks with SIGTERM
+    run: dict[str, Any] = {"out_dir": None, "training": False, "step": 0, "locked": False}
+    rank0 = os.environ.get("RANK", "0") == "0"
     try:
-        train(stage, args, build_plan)
+        train(stage, args, build_plan, run)
     except BulwarkInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        _leave(run, f"error: {exc}", EXIT_INPUT, rank0)
+    except Diverged as exc:
+        _leave(run, f"error: {exc}", EXIT_DIVERGED, rank0)
+    except KeyboardInterrupt:
+        _leave(run, _interrupted_line(run), EXIT_INTERRUPTED, rank0, mark=False)
+    except Exception as exc:  # noqa: BLE001  (every failure becomes one line; the traceback goes to FAILED)
+        # the first lines carry the what and the where (pydantic: model, field, reason); the rest goes to FAILED
+        first = "; ".join(line.strip() for line in str(exc).strip().splitlines()[:3])[:400]
+        where = f" (traceback: {Path(run['out_dir']) / FAILED})" if run["out_dir"] else ""
+        code, phase = (1, "training") if run["training"] else (EXIT_INPUT, "before training; input rejected")
+        # before training every rank fails alike: rank 0 speaks; during training the failing rank does
+        _leave(run, f"error: {type(exc).__name__}: {first} ({phase}){where}", code, rank0 or run["training"],
+               details=traceback.format_exc())
+    if rank0 and run["out_dir"] is not None:
+        release_lock(Path(run["out_dir"]))
     from bulwark.engine import exit_after_success
 
     exit_after_success()
 
 
-def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _interrupted_line(run: dict[str, Any]) -> str:
+    if run["out_dir"] is None:
+        return "interrupted before the run started; nothing was written"
+    latest = Path(run["out_dir"]) / "checkpoints" / "latest"
+    if latest.is_file():
+        return (f"interrupted at step {run['step']}; last checkpoint {latest.parent / latest.read_text().strip()}: "
+                "rerun the same command with --resume to continue from it")
+    return f"interrupted at step {run['step']} before the first checkpoint: rerun with --overwrite to start over"
+
+
+def _leave(run: dict[str, Any], line: str, code: int, speak: bool, details: str = "", mark: bool = True) -> None:
+    """Print `line` (from one rank), mark the run folder, free its lock, and end the process at once: a
+    finalizing interpreter could wait forever on a collective that the other ranks never join."""
+    from bulwark.errors import report
+
+    out_dir = Path(run["out_dir"]) if run["out_dir"] else None
+    if out_dir is not None:
+        if mark or not (out_dir / "checkpoints" / "latest").is_file():
+            mark_failed(out_dir, line, details)
+        if os.environ.get("RANK", "0") == "0":
+            release_lock(out_dir)
+    report(line, speak)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+def train(stage: str, args: argparse.Namespace, build_plan: Any, run: dict[str, Any] | None = None) -> None:
+    """One stage in this rank. `run` (from run_stage) is filled as the run goes: its folder, whether
+    training began, the step, so that a failure can say where it stopped."""
+    run = {} if run is None else run
     from bulwark import models
     from bulwark.engine import (
         Engine,
@@ -154,6 +321,7 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
     out_dir = Path(cfg.out_dir)
     defense = build_defense(cfg.defense, stage, cfg.train.steps)
     mode = start_mode(out_dir, config_text(cfg), args.resume, args.overwrite, args.resume_if_present)
+    run["out_dir"] = str(out_dir)
     if mode == "done":
         print(f"{out_dir}: this run finished already (DONE); nothing to do", file=sys.stderr)
         return
@@ -167,10 +335,16 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
 
     rank, world_size, _ = init_distributed()
     fill_ds_config(read_ds_config(cfg.launch.ds_config), cfg.train, cfg.model.dtype, world_size)
+    from bulwark.engine import broadcast_object
+
+    if not broadcast_object(take_lock(out_dir) if rank == 0 else None, 0):  # a second run started meanwhile
+        run["out_dir"] = None  # not ours: leave it alone
+        raise BulwarkInputError(f"{out_dir} is being written by another run; wait for it to end or stop it")
     if rank == 0 and not resuming:
         if mode == "overwrite":
             shutil.rmtree(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / RUN_MARKER).write_text(f"a Bulwark {stage} run folder: --overwrite may replace it\n")
         write_config(cfg, out_dir / "config.yaml")
         for name, write in plan.writers.items():
             write(out_dir / name)
@@ -209,6 +383,7 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
 
     logger = RunLogger(out_dir / "metrics.jsonl", rank, cfg.train.steps, start, title=f"{stage}:{defense.name}")
     stop_at = min(cfg.train.steps, args.stop_after) if args.stop_after else cfg.train.steps
+    run["training"], run["step"] = True, start
     for step in range(start, stop_at):
         t0 = time.perf_counter()
         loss_sum = torch.zeros(1, device=engine.device)  # summed on the device: one sync a step, not one a micro-batch
@@ -220,6 +395,14 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any) -> None:
             loss_sum += loss.detach().float()
         defense.after_step(engine, step + 1)
         loss_mean = engine.all_reduce_sum(loss_sum).item() / (cfg.train.grad_accum * world_size)
+        if not math.isfinite(loss_mean):  # the same value on every rank (all-reduced): all stop alike
+            latest = ckpt_root / "latest"
+            kept = f"last good checkpoint {ckpt_root / latest.read_text().strip()}" if latest.is_file() else "no checkpoint"
+            raise Diverged(f"step {step + 1}: the loss is {loss_mean}: the run diverged ({kept}; nothing exported); "
+                           "lower train.lr or check the data")
+        run["step"] = step + 1
+        if rank == 0:
+            os.utime(lock_path(out_dir))  # the lock's heartbeat: a requeue on another node sees this run alive
         logger.log(
             step + 1,
             {"loss": loss_mean, "lr": engine.lr(), "step_s": time.perf_counter() - t0, **defense.metrics()},

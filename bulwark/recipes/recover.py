@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from bulwark.errors import BulwarkInputError
-from bulwark.recipes.loop import parse_args, start_mode
+from bulwark.recipes.loop import RUN_MARKER, parse_args, start_mode
 from bulwark.recover.config import (
     RecoverConfig,
     load_recover_config,
@@ -189,6 +189,7 @@ def run(cfg: RecoverConfig, inputs: Inputs, overwrite: bool, metric: Any = None)
         if out.exists() and overwrite:
             shutil.rmtree(out)
         out.mkdir(parents=True, exist_ok=True)
+        (out / RUN_MARKER).write_text("a Bulwark recover run folder: --overwrite may replace it\n")
         write_recover_config(cfg, out / "config.yaml")
     barrier()
     log = JsonlLog(out / "log.jsonl", rank)
@@ -347,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
         inputs = check_inputs(cfg, True)  # the folder was judged just above, by every rank alike
         run(cfg, inputs, overwrite=mode == "overwrite")
     except BulwarkInputError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        from bulwark.errors import report
+
+        report(f"error: {exc}", os.environ.get("RANK", "0") == "0")
         raise SystemExit(2) from None
     exit_after_success()
 
