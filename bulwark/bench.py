@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bulwark.config import build_dataclass, deep_merge, parse_overrides, read_yaml
+from bulwark.config import build_dataclass, check_numbers, deep_merge, parse_overrides, read_yaml
 from bulwark.errors import BulwarkInputError
 from bulwark.eval.generate import GENERATE_BATCH_SIZE
 
@@ -60,6 +61,9 @@ def load_bench_config(path: str | Path | None, overrides: list[str]) -> BenchCon
     values = read_yaml(path) if path else {}
     values = deep_merge(values, parse_overrides(overrides))
     cfg = build_dataclass(BenchConfig, values, "")
+    check_numbers({k: v for k, v in asdict(cfg).items() if k != "ps"})
+    if any(not math.isfinite(p) for p in cfg.ps):
+        raise BulwarkInputError(f"bench: ps holds {cfg.ps}: every p must be a finite number in [0, 1]")
     if not cfg.align_defenses or not cfg.finetune_defenses or not cfg.ps:
         raise BulwarkInputError("bench: align_defenses, finetune_defenses and ps must each name at least one")
     for p in cfg.ps:

@@ -210,6 +210,10 @@ def deep_merge(base: dict, extra: dict) -> dict:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
+        elif isinstance(value, dict) and key in merged and merged[key] is not None:
+            # `train: 5` in a file and `train.steps=3` given: one of them is a mistake, never drop the other
+            raise BulwarkInputError(f"'{key}' is {merged[key]!r} but keys of it are set too ({', '.join(value)}): "
+                                    f"write '{key}' as a section of keys")
         else:
             merged[key] = value
     return merged
@@ -320,6 +324,24 @@ def validate(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise BulwarkInputError(message)
+    check_numbers(to_dict(cfg))
+    for key, value in cfg.defense.items():
+        # every defense parameter is a weight, a radius, a step count or a seed: never negative (each
+        # defense checks its tighter ranges itself, e.g. booster's eps > 0)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise BulwarkInputError(f"defense.{key} = {value} must be >= 0")
+
+
+def check_numbers(values: dict[str, Any], prefix: str = "") -> None:
+    """Every number in a (nested) config is finite: an inf or NaN setting fails here, naming its key, instead
+    of training to the end on NaN weights."""
+    import math
+
+    for key, value in values.items():
+        if isinstance(value, dict):
+            check_numbers(value, f"{prefix}{key}.")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise BulwarkInputError(f"{prefix}{key} = {value} must be a finite number")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

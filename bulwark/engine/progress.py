@@ -13,15 +13,16 @@ class RunLogger:
     def __init__(self, path: Path, rank: int, total: int, start: int = 0, title: str = "train") -> None:
         self.rank, self.total, self.path = rank, total, path
         self.started = time.perf_counter()
-        self.step_times: list[float] = []
+        self.step_times: list[float] = []  # this process's steps
+        self.earlier: list[dict[str, Any]] = []  # a resumed run: the rows logged before its checkpoint
         self.progress = None
         self.file = None
         if rank != 0:
             return
         if start > 0 and path.exists():
             # a resumed run: drop rows the interrupted run logged after its last checkpoint
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-            path.write_text("".join(line + "\n" for line in kept))
+            self.earlier = [row for row in read_metrics(path) if row["step"] <= start]
+            path.write_text("".join(json.dumps(row) + "\n" for row in self.earlier))
         elif path.exists():
             path.unlink()
         self.file = path.open("a")
@@ -55,13 +56,44 @@ class RunLogger:
         if self.rank != 0:
             return
         self.progress.stop()
-        times = self.step_times[1:] or self.step_times  # the first step pays one-time warm-up
+        # the whole run, resumed or not: steps logged before the checkpoint this process resumed from count too
+        every = [float(row.get("step_s", 0.0)) for row in self.earlier] + self.step_times
+        times = every[1:] or every  # the run's first step pays one-time warm-up
         summary = {
-            "steps_run": len(self.step_times),
+            "steps_run": len(every),
             "mean_step_s": sum(times) / max(1, len(times)),
-            "wall_s": time.perf_counter() - self.started,
+            "wall_s": time.perf_counter() - self.started,  # this process only: a resume's gap is not run time
+            "resumed_at_step": self.earlier[-1]["step"] if self.earlier else 0,
             "peak_mem_bytes_rank0": peak_bytes,
             "world_size": world_size,
         }
         self.file.close()
         (self.path.parent / "train_summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl. A torn last line (the run was cut off while writing it: power loss,
+    a full disk) is dropped with a one-line warning; an unreadable line before it is a BulwarkInputError."""
+    from bulwark.errors import BulwarkInputError
+
+    lines = path.read_text(errors="replace").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("no integer 'step'")
+        except ValueError as exc:
+            if number == len(lines):
+                print(f"warning: {path}:{number}: dropped a torn last line (the run was cut off while writing it)",
+                      file=sys.stderr)
+                break
+            raise BulwarkInputError(
+                f"{path}:{number}: not a metrics row ({exc}); fix or delete that line, then resume again"
+            ) from None
+        rows.append(row)
+    return rows

@@ -52,7 +52,7 @@ def _checked(options: dict[str, Any], where: str) -> dict[str, Any]:
 
 def resolve(config: str | None, overrides: list[str]) -> tuple[str, dict[str, Any], int]:
     """(model, run_eval options, ranks) from an eval YAML and key=value overrides."""
-    from bulwark.config import parse_overrides
+    from bulwark.config import check_numbers, parse_overrides
     from bulwark.eval.device import check_partition, resolve_dtype
 
     options = read_eval_yaml(Path(config)) if config else {}
@@ -66,6 +66,10 @@ def resolve(config: str | None, overrides: list[str]) -> tuple[str, dict[str, An
     if nproc < 1:
         raise BulwarkInputError(f"nproc = {nproc} must be at least 1")
     options["meta"] = meta
+    check_numbers({k: v for k, v in options.items() if k != "meta"})
+    for key in ("n_prompts", "n_task", "n_benign", "max_new_tokens", "batch_size"):
+        if options.get(key) is not None and int(options[key]) < 1:
+            raise BulwarkInputError(f"eval: {key} = {options[key]} must be at least 1")
     options.setdefault("out_dir", str(Path(model) / "eval"))
     resolve_dtype(options.get("dtype"))  # bad values fail here, before any process starts
     options["partition"] = check_partition(options.get("partition"))

@@ -72,6 +72,8 @@ def check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """An existing run is never overwritten by accident; --resume needs a finished checkpoint; --overwrite
     removes only a folder Bulwark made (it holds RUN_MARKER), never a folder of the user's own files."""
     check_lock(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BulwarkInputError(f"out_dir {out_dir} is a file, not a folder: choose another out_dir")
     if resume:
         if not (out_dir / "checkpoints" / "latest").is_file():
             raise BulwarkInputError(f"--resume: {out_dir} has no finished checkpoint (checkpoints/latest)")

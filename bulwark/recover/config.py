@@ -110,6 +110,9 @@ def load_recover_config(path: str | Path | None, overrides: list[str] | None = N
     values.pop("stage", None)  # a resolved config written by a run carries it
     cfg = build_dataclass(RecoverConfig, values, "")
     validate(cfg)
+    from bulwark.config import check_numbers
+
+    check_numbers(asdict(cfg))
     return cfg
 
 
