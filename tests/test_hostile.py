@@ -193,3 +193,14 @@ def test_ctrl_c_says_where_to_resume(tmp_path: Path, tiny_model_dir: Path, data_
     result = subprocess.CompletedProcess(cmd, proc.returncode, "", err)
     assert_clean_failure(result, 130, "--resume")
     assert not (out / "FAILED").exists()  # a checkpoint exists: the run is resumable, not failed
+
+
+def test_exploding_gradients_stop_the_run_instead_of_skipping_every_step(tmp_path: Path, tiny_model_dir: Path,
+                                                                         data_dir: Path) -> None:
+    """DeepSpeed skips a step whose gradients are not finite and carries on; a run that did nothing but
+    skip would export its start weights as a success."""
+    out = tmp_path / "run"
+    proc = bulwark_cli(["finetune", *tiny(tiny_model_dir, out, "train.lr=1e6", "train.max_grad_norm=0",
+                                          "train.steps=3")], data_dir)
+    assert_clean_failure(proc, 3, "the gradients are not finite")
+    assert not (out / "model").exists() and (out / "FAILED").is_file()

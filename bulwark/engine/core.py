@@ -252,6 +252,11 @@ class Engine:
     def step(self) -> None:
         self.ds.step()
 
+    def gradients_overflowed(self) -> bool:
+        """Whether DeepSpeed skipped the last optimizer step because a gradient was inf or NaN. bf16 and
+        fp32 have no loss scale to back off, so a skipped step means the run has diverged."""
+        return bool(self.ds.optimizer.overflow)
+
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
@@ -491,7 +496,7 @@ DS_INTERNALS: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
     "engine": ((1, 2, 3), ("optimizer", "module", "device")),
     "engine@zero3": ((3,), ("_zero3_consolidated_16bit_state_dict",)),
     # engine.optimizer: DeepSpeedZeroOptimizer (ZeRO-1/2) or DeepSpeedZeroOptimizer_Stage3
-    "optimizer": ((1, 2, 3), ("optimizer",)),
+    "optimizer": ((1, 2, 3), ("optimizer", "overflow")),
     "optimizer@zero12": ((1, 2), ("single_partition_of_fp32_groups",)),
     "optimizer@zero3": ((3,), (
         "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "grad_partitions_flat_buffer",

@@ -397,10 +397,14 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any, run: dict[str, 
             loss_sum += loss.detach().float()
         defense.after_step(engine, step + 1)
         loss_mean = engine.all_reduce_sum(loss_sum).item() / (cfg.train.grad_accum * world_size)
-        if not math.isfinite(loss_mean):  # the same value on every rank (all-reduced): all stop alike
+        # both are the same on every rank (the loss is all-reduced, the overflow flag DeepSpeed's global
+        # check), so all ranks stop alike, before this step is checkpointed
+        what = f"the loss is {loss_mean}" if not math.isfinite(loss_mean) else (
+            "the gradients are not finite (DeepSpeed skipped the step)" if engine.gradients_overflowed() else "")
+        if what:
             latest = ckpt_root / "latest"
             kept = f"last good checkpoint {ckpt_root / latest.read_text().strip()}" if latest.is_file() else "no checkpoint"
-            raise Diverged(f"step {step + 1}: the loss is {loss_mean}: the run diverged ({kept}; nothing exported); "
+            raise Diverged(f"step {step + 1}: {what}: the run diverged ({kept}; nothing exported); "
                            "lower train.lr or check the data")
         run["step"] = step + 1
         if rank == 0:
