@@ -410,6 +410,20 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerFast:
     return _finish_tokenizer(AutoTokenizer.from_pretrained(path))
 
 
+def check_weight_files(folder: str | Path) -> None:
+    """Every safetensors file of an HF folder opens and lists its tensors (its header alone is read): a
+    truncated or garbage weights file is one line here, before any rank starts, not a rank's traceback."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if not list(f.keys()):
+                    raise ValueError("it holds no tensors")
+        except Exception as exc:  # noqa: BLE001  (safetensors raises its own error types)
+            raise BulwarkInputError(f"{path}: not a readable safetensors file ({exc}); re-export the model") from None
+
+
 def load_model(name: str, dtype: str = "fp32", seed: int = 0, **from_pretrained_kwargs: Any) -> PreTrainedModel:
     """Only `from_pretrained` (or the tiny build): wrap the call in a ZeRO-3 context if you need one.
 

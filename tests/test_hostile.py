@@ -138,14 +138,27 @@ def test_a_live_lock_refuses_a_second_run_and_a_dead_one_is_taken_over(tmp_path:
 
 # ---- found inside the ranks ----------------------------------------------------------------------------
 
-def test_a_ds_config_deepspeed_rejects_fails_in_one_line_and_does_not_block_the_rerun(
-        tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
+def test_a_ds_config_value_deepspeed_refuses_is_caught_before_the_ranks(tmp_path: Path, tiny_model_dir: Path,
+                                                                        data_dir: Path) -> None:
     ds = _write(tmp_path, "ds.json", json.dumps({"zero_optimization": {"stage": 3, "stage3_max_live_parameters": "lots"}}))
     out = tmp_path / "run"
     proc = bulwark_cli(["finetune", *tiny(tiny_model_dir, out), f"launch.ds_config={ds}"], data_dir)
-    assert_clean_failure(proc, 2, "stage3_max_live_parameters")
+    assert_clean_failure(proc, 2, "zero_optimization.stage3_max_live_parameters")
+    assert not out.exists()
+
+
+def test_a_model_that_fails_to_load_in_the_ranks_is_one_line_and_does_not_block_the_rerun(
+        tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
+    """config.json and weights that disagree (readable headers, wrong shapes) only fail inside the ranks."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "intermediate_size": config["intermediate_size"] * 2}))
+    out = tmp_path / "run"
+    proc = bulwark_cli(["finetune", *tiny(model, out)], data_dir)
+    assert_clean_failure(proc, 2, "input rejected")
     assert (out / "FAILED").is_file() and "Traceback" in (out / "FAILED").read_text()
-    proc = bulwark_cli(["finetune", *tiny(tiny_model_dir, out)], data_dir)  # no --overwrite needed
+    proc = bulwark_cli(["finetune", *tiny(tiny_model_dir, out)], data_dir)  # fixed: no --overwrite needed
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "DONE").is_file() and not (out / "FAILED").exists()
 
@@ -155,9 +168,9 @@ def test_weights_that_do_not_load(tmp_path: Path, tiny_model_dir: Path, data_dir
     shutil.copytree(tiny_model_dir, model)
     weights = next(model.glob("*.safetensors"))
     weights.write_bytes(b"\x00" * 64)
-    proc = bulwark_cli(["finetune", *tiny(model, tmp_path / "run")], data_dir)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert weights.read_bytes() == b"\x00" * 64
+    out = tmp_path / "run"
+    assert_clean_failure(bulwark_cli(["finetune", *tiny(model, out)], data_dir), 2, "not a readable safetensors")
+    assert weights.read_bytes() == b"\x00" * 64 and not out.exists()
 
 
 def test_nan_weights_diverge_with_their_own_exit_code_and_export_nothing(tmp_path: Path, tiny_model_dir: Path,
@@ -204,3 +217,20 @@ def test_exploding_gradients_stop_the_run_instead_of_skipping_every_step(tmp_pat
                                           "train.steps=3")], data_dir)
     assert_clean_failure(proc, 3, "the gradients are not finite")
     assert not (out / "model").exists() and (out / "FAILED").is_file()
+
+
+def test_resume_refuses_changed_settings_but_takes_more_steps(tmp_path: Path, tiny_model_dir: Path,
+                                                               data_dir: Path) -> None:
+    out = tmp_path / "run"
+    first = bulwark_cli(["finetune", *tiny(tiny_model_dir, out, "train.checkpoint_every=1"), "--stop-after", "1"],
+                        data_dir)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = snapshot(out)
+    changed = bulwark_cli(["finetune", *tiny(tiny_model_dir, out, "train.checkpoint_every=1", "train.lr=1e-3"),
+                           "--resume"], data_dir)
+    assert_clean_failure(changed, 2, "train.lr")
+    assert snapshot(out) == before
+    more = bulwark_cli(["finetune", *tiny(tiny_model_dir, out, "train.checkpoint_every=1", "train.steps=3"),
+                        "--resume"], data_dir)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 3

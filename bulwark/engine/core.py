@@ -94,12 +94,31 @@ def fill_ds_config(raw: dict[str, Any], train: TrainConfig, dtype: str, world_si
             zero[key] = value
     # torch AdamW / SGD: compiles nothing (DeepSpeed's fused and CPU Adam build C++ on first use).
     cfg["zero_allow_untested_optimizer"] = True
+    _check_zero_section(zero)
     if zero.get("offload_optimizer", {}).get("device", "none") != "none":
         # DeepSpeed 0.19 refuses a client torch optimizer under optimizer offload unless told that it
         # steps on the host itself (torch's fused AdamW does; DeepSpeedCPUAdam would compile C++ first)
         cfg.setdefault("zero_force_ds_cpu_optimizer", False)
     cfg.setdefault("steps_per_print", 1_000_000)
     return cfg
+
+
+def _check_zero_section(zero: dict[str, Any]) -> None:
+    """DeepSpeed's own model of zero_optimization, before any rank starts: a value it would refuse inside
+    every rank (a string where it wants a number, an unknown offload device) is one line here."""
+    from pydantic import ValidationError
+
+    try:
+        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    except ImportError:  # DeepSpeed not installed here (the plan and slurm commands): the ranks check it
+        return
+    try:
+        DeepSpeedZeroConfig(**zero)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        raise BulwarkInputError(f"ds_config zero_optimization.{where}: {first.get('msg', 'invalid value')} "
+                                f"(got {first.get('input')!r})") from None
 
 
 def lr_lambda(train: TrainConfig, total_steps: int) -> Callable[[int], float]:

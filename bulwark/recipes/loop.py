@@ -99,6 +99,7 @@ def start_mode(out_dir: Path, resolved_config: str, resume: bool, overwrite: boo
     if not resume_if_present:
         check_run_dir(out_dir, resume, overwrite)
         if resume:
+            check_resume_settings(out_dir, resolved_config)
             return "resume"
         return "overwrite" if out_dir.exists() and any(out_dir.iterdir()) else "fresh"
     if resume or overwrite:
@@ -113,6 +114,36 @@ def start_mode(out_dir: Path, resolved_config: str, resume: bool, overwrite: boo
     if (out_dir / "DONE").is_file():
         return "done"
     return "resume" if (out_dir / "checkpoints" / "latest").is_file() else "overwrite"
+
+
+# What --resume may change: how long to train and how often to save. Everything else (the data, the model,
+# the defense, lr, batch shape) would silently make the resumed run another experiment.
+RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                     "launch.master_port")
+
+
+def check_resume_settings(out_dir: Path, resolved_config: str) -> None:
+    import yaml
+
+    saved_path = out_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise BulwarkInputError(f"--resume: {saved_path} is missing; the run folder is not one Bulwark finished setting up")
+    saved, new = _flat(yaml.safe_load(saved_path.read_text()) or {}), _flat(yaml.safe_load(resolved_config) or {})
+    changed = sorted(k for k in saved.keys() | new.keys() if saved.get(k) != new.get(k) and k not in RESUMABLE_CHANGES)
+    if changed:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {new.get(k)!r})" for k in changed[:4])
+        raise BulwarkInputError(f"--resume with changed settings: {shown}{' ...' if len(changed) > 4 else ''}; "
+                                f"only {', '.join(RESUMABLE_CHANGES)} may change (start a new run for the rest)")
+
+
+def _flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def lock_path(out_dir: Path) -> Path:
@@ -214,7 +245,9 @@ def prepare_stage(stage: str, build_plan: Any, config: str | None, overrides: li
     defense = build_defense(cfg.defense, stage, cfg.train.steps)
     start_mode(Path(cfg.out_dir), config_text(cfg), resume, overwrite, resume_if_present)
     fill_ds_config(read_ds_config(cfg.launch.ds_config), cfg.train, cfg.model.dtype, cfg.launch.nproc)
-    models.resolve_model_path(models.base_of(cfg.model.name))  # converts the embedded model once, here
+    model_path = models.resolve_model_path(models.base_of(cfg.model.name))  # converts the embedded model once
+    if model_path != "tiny" and Path(model_path).is_dir():
+        models.check_weight_files(model_path)
     build_plan(cfg, defense)  # reads and checks every data file the ranks will read
     argv = stage_argv(config, overrides, resume=resume, overwrite=overwrite, resume_if_present=resume_if_present,
                       stop_after=stop_after)
@@ -342,6 +375,8 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any, run: dict[str, 
     if not broadcast_object(take_lock(out_dir) if rank == 0 else None, 0):  # a second run started meanwhile
         run["out_dir"] = None  # not ours: leave it alone
         raise BulwarkInputError(f"{out_dir} is being written by another run; wait for it to end or stop it")
+    if rank == 0 and resuming:
+        write_config(cfg, out_dir / "config.yaml")  # what the run now trains to (train.steps may have grown)
     if rank == 0 and not resuming:
         if mode == "overwrite":
             shutil.rmtree(out_dir)
