@@ -288,7 +288,7 @@ def test_cli_plan_takes_key_value_overrides(tmp_path):
     # launch.nproc decides the world size, as in the job the config would start
     one_gpu = runner.invoke(_app(), ["plan", str(cfg), "launch.nproc=1"])
     assert one_gpu.exit_code == 2 and "does not fit" in one_gpu.output
-    for bad, says in ((["traim.steps=3"], "traim"), (["defense.name=tvaccine"], "not a registered defense"),
+    for bad, says in ((["traim.steps=3"], "traim"), (["defense.name=tvaccine"], "unknown defense"),
                       (["train.steps"], "not key=value")):
         res = runner.invoke(_app(), ["plan", str(cfg), *bad])
         assert res.exit_code == 2 and says in res.output, res.output

@@ -96,7 +96,12 @@ def test_existing_run_folder_needs_overwrite(tmp_path: Path, tiny_model_dir: Pat
     (out / "precious.txt").write_text("keep")
     result = CliRunner().invoke(app, ["finetune", f"out_dir={out}", f"model.name={tiny_model_dir}",
                                       f"data.dir={data_dir}", "data.n=10"])
-    assert result.exit_code == 2 and "--overwrite" in result.output
+    # not a folder Bulwark made: no flag replaces it (tests/test_hostile.py: not even --overwrite)
+    assert result.exit_code == 2 and "did not write" in result.output
     assert (out / "precious.txt").read_text() == "keep"
+    (out / ".bulwark-run").write_text("")  # a run folder of Bulwark's: --overwrite is the way
+    result = CliRunner().invoke(app, ["finetune", f"out_dir={out}", f"model.name={tiny_model_dir}",
+                                      f"data.dir={data_dir}", "data.n=10"])
+    assert result.exit_code == 2 and "--overwrite" in result.output
     result = CliRunner().invoke(app, ["finetune", f"out_dir={out}", f"model.name={tiny_model_dir}", "--resume"])
     assert result.exit_code == 2 and "no finished checkpoint" in result.output
