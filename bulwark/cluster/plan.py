@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bulwark.config import DEFAULT_LORA_TARGETS  # what a run with LoRA and no target_modules trains
 from bulwark.errors import BulwarkInputError
 
 if TYPE_CHECKING:
@@ -57,9 +58,6 @@ RUNTIME_RESERVE_BYTES = 2 * GIB
 # DeepSpeed's estimate_zero3_model_states_mem_needs(additional_buffer_factor=1.5) for host memory.
 CPU_BUFFER_FACTOR = 1.5
 
-# PEFT's default LoRA targets for Llama-style models (peft.utils.constants
-# TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["llama"]).
-DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 
 # HF config.json fields of the models Bulwark knows by name (values from the models' config.json).
 KNOWN_MODELS: dict[str, dict[str, Any]] = {

@@ -22,11 +22,11 @@ launch.ds_config                      ZeRO stage, offload, batch sizes          
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bulwark.cluster.checks import read_ds_config
 from bulwark.config import Config, load_config
 from bulwark.errors import BulwarkInputError
 
@@ -93,17 +93,8 @@ def resolve_path(ref: str, config_dir: Path | None = None) -> Path:
 
 
 def load_ds_config(ref: str, config_dir: Path | None = None) -> dict[str, Any]:
-    """Read a DeepSpeed JSON config named by ``launch.ds_config``."""
-    path = resolve_path(ref, config_dir)
-    if not path.is_file():
-        raise BulwarkInputError(f"launch.ds_config: {ref} not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise BulwarkInputError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise BulwarkInputError(f"{path}: a DeepSpeed config must be a JSON object")
-    return data
+    """The DeepSpeed JSON named by ``launch.ds_config`` (the engine's reader, bulwark/cluster/checks.py)."""
+    return read_ds_config(ref, config_dir)
 
 
 def zero_settings(ds_config: dict[str, Any]) -> tuple[int, bool, bool]:

@@ -12,6 +12,7 @@ from typing import Any
 
 from bulwark.data.formats import Example
 from bulwark.errors import BulwarkInputError
+from bulwark.losses import IGNORE_INDEX
 
 ALPACA_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -24,7 +25,6 @@ ALPACA_NO_INPUT = (
     "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 TEMPLATES = ("alpaca", "chat")
-IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
 
 def render_prompt(example: Example, template: str, tokenizer: Any = None) -> str:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bulwark.cluster.checks import check_ds_batch_sizes
+from bulwark.cluster.checks import DS_CONFIG_DIR, check_ds_batch_sizes, read_ds_config, resolve_ds_config  # noqa: F401  (re-exported)
 from bulwark.config import TrainConfig
 from bulwark.engine.dist import (
     all_gather_objects,
@@ -32,38 +32,7 @@ from bulwark.engine.dist import (
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
-
 PreStepFn = Callable[[list[tuple[int, torch.Tensor]]], None]
-
-
-def resolve_ds_config(name: str) -> Path:
-    """A name in ds_configs/ ("zero3") or a path to a DeepSpeed JSON file."""
-    candidates = [Path(name), DS_CONFIG_DIR / name, DS_CONFIG_DIR / f"{name}.json", DS_CONFIG_DIR.parent / name]
-    for path in candidates:
-        if path.is_file():
-            return path
-    known = sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
-    raise BulwarkInputError(f"launch.ds_config '{name}' not found (names: {', '.join(known)}, or a JSON path)")
-
-
-def read_ds_config(name: str) -> dict[str, Any]:
-    path = resolve_ds_config(name)
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BulwarkInputError(f"{path}:{exc.lineno}: DeepSpeed config is not valid JSON ({exc.msg})") from None
-    if not isinstance(raw, dict):
-        raise BulwarkInputError(f"{path}: DeepSpeed config must be a JSON object")
-    for section in ("optimizer", "scheduler"):
-        if section in raw:
-            raise BulwarkInputError(
-                f"{path}: remove the '{section}' section; bulwark builds it from train.* in the run config"
-            )
-    stage = raw.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (1, 2, 3):
-        raise BulwarkInputError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (got {stage})")
-    return raw
 
 
 def fill_ds_config(raw: dict[str, Any], train: TrainConfig, dtype: str, world_size: int) -> dict[str, Any]:

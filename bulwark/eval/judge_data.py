@@ -40,6 +40,7 @@ Splits are by prompt text (a hash), so no prompt is both in training and held ou
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -117,6 +118,16 @@ class LabeledPair:
     response: str
     label: int  # 1 = refusal (refusal judge) or harmful (moderation judge)
     origin: str  # data file the row came from
+
+
+def judges_root() -> Path:
+    """<cache>/judges: where `bulwark judge train` saves the learned judges (and the judges load from)."""
+    override = os.environ.get("BULWARK_JUDGE_DIR")
+    if override:
+        return Path(override).expanduser()
+    from bulwark.models import cache_dir
+
+    return Path(cache_dir()) / "judges"
 
 
 def has_gcg_phrase(text: str) -> bool:

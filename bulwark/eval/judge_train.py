@@ -27,6 +27,7 @@ from bulwark.eval.judge_data import (
     LabeledPair,
     cap_per_origin,
     has_gcg_phrase,
+    judges_root,
     moderation_pairs,
     refusal_pairs,
     split_by_prompt,
@@ -170,7 +171,6 @@ def train_judge(
     `opener_copies` = (compliance, refusal) opener-augmented copies for the refusal judge (None: none).
     """
     from bulwark.eval.encoder import Encoder
-    from bulwark.eval.judges import judges_root
 
     start = time.time()
     pairs = labeled_pairs(kind, data_dir)

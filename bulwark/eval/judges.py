@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Protocol
 
 from bulwark.errors import BulwarkInputError
-from bulwark.eval.judge_data import GCG_REFUSAL_PHRASES, has_gcg_phrase
+from bulwark.eval.judge_data import GCG_REFUSAL_PHRASES, has_gcg_phrase, judges_root
 
 JUDGE_NAMES = ("refusal", "keyword", "moderation", "hf:<path>")
 LEARNED_KINDS = ("refusal", "moderation")
@@ -101,16 +101,6 @@ class KeywordJudge:
 
 # ---------------------------------------------------------------------------------------------------
 # refusal / moderation: a trained head over the frozen encoder
-
-
-def judges_root() -> Path:
-    """<cache>/judges: where `bulwark judge train` saves the learned judges."""
-    override = os.environ.get("BULWARK_JUDGE_DIR")
-    if override:
-        return Path(override).expanduser()
-    from bulwark.models import cache_dir
-
-    return Path(cache_dir()) / "judges"
 
 
 class LearnedJudge:
