@@ -227,6 +227,7 @@ def run_bulwark(setup: dict[str, Any], prof_path: Path | None) -> tuple[list[flo
     from bulwark.config import LoraConfig
     from bulwark.defenses import build_defense
     from bulwark.engine import Engine
+    from bulwark.recipes.step import train_step
 
     total = setup["warmup"] + setup["steps"] + 2
 
@@ -250,13 +251,9 @@ def run_bulwark(setup: dict[str, Any], prof_path: Path | None) -> tuple[list[flo
                for i, s in enumerate(("main", "align", "harmful", "benign_refusals"))}
     counter = {"step": 0}
 
-    def step() -> None:  # the recipes' loop body (bulwark/recipes/loop.py)
-        batch = engine.to_device(defense.next_batch(streams, counter["step"]))
-        loss = defense.loss(engine, batch)
-        engine.backward(loss)
-        engine.step()
+    def step() -> None:  # the recipes' loop body
+        train_step(engine, defense, streams, counter["step"], 1)
         counter["step"] += 1
-        defense.after_step(engine, counter["step"])
 
     times = timed(step, setup["warmup"], setup["steps"])
     if prof_path:

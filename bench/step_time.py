@@ -127,6 +127,7 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
     from bulwark.config import LoraConfig, TrainConfig
     from bulwark.defenses import build_defense
     from bulwark.engine import Engine, peak_memory_bytes
+    from bulwark.recipes.step import train_step
 
     labels = [n for n in args.defenses.split(",") if n]
     total_steps = args.rounds * (args.steps + 1)
@@ -157,12 +158,8 @@ def run_in_process(args: argparse.Namespace) -> dict[str, Any]:
                 engine, defense = run["engine"], run["defense"]
                 for i in range(args.steps + 1):
                     t0 = time.perf_counter()
-                    batch = engine.to_device(defense.next_batch(run["streams"], run["step"]))
-                    loss = defense.loss(engine, batch)
-                    engine.backward(loss)
-                    engine.step()
+                    train_step(engine, defense, run["streams"], run["step"], 1)
                     run["step"] += 1
-                    defense.after_step(engine, run["step"])
                     if i:
                         run["times"].append(time.perf_counter() - t0)
 

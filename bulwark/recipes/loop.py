@@ -32,6 +32,7 @@ from bulwark.config import Config, load_config, write_config
 from bulwark.data import DistributedStream, Example, tokenize_example
 from bulwark.defenses import Defense, build_defense
 from bulwark.errors import BulwarkInputError
+from bulwark.recipes.step import train_step
 
 RUN_MARKER = ".bulwark-run"  # written first into every run folder Bulwark makes; --overwrite removes only those
 FAILED = "FAILED"  # a run that stopped on an error: its one-line reason, then the traceback
@@ -423,14 +424,7 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any, run: dict[str, 
     run["training"], run["step"] = True, start
     for step in range(start, stop_at):
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(1, device=engine.device)  # summed on the device: one sync a step, not one a micro-batch
-        for _ in range(cfg.train.grad_accum):
-            batch = engine.to_device(defense.next_batch(streams, step))
-            loss = defense.loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.detach().float()
-        defense.after_step(engine, step + 1)
+        loss_sum = train_step(engine, defense, streams, step, cfg.train.grad_accum)
         loss_mean = engine.all_reduce_sum(loss_sum).item() / (cfg.train.grad_accum * world_size)
         # both are the same on every rank (the loss is all-reduced, the overflow flag DeepSpeed's global
         # check), so all ranks stop alike, before this step is checkpointed

@@ -23,6 +23,7 @@ from bulwark.config import LoraConfig, TrainConfig
 from bulwark.defenses import REGISTRY
 from bulwark.engine import Engine, exit_after_success
 from bulwark.models import apply_lora, load_model
+from bulwark.recipes.step import StepObserver, train_step
 
 
 def snapshot(engine: Engine) -> list[torch.Tensor]:
@@ -32,6 +33,19 @@ def snapshot(engine: Engine) -> list[torch.Tensor]:
     tensors += [s.detach().clone() for s in engine.local_shards()]
     tensors += [p.data.detach().clone() for p in zero.persistent_parameters]
     return tensors
+
+
+class RestoredAcrossLoss(StepObserver):
+    """Whether every micro-batch's loss (the harmful phase included) left the weights bit for bit as it found them."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine, self.restored, self.before = engine, True, []
+
+    def before_loss(self, batch: dict[str, torch.Tensor]) -> None:
+        self.before = snapshot(self.engine)
+
+    def after_loss(self, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        self.restored &= all(torch.equal(a, b) for a, b in zip(self.before, snapshot(self.engine), strict=True))
 
 
 def main() -> None:
@@ -72,16 +86,10 @@ def main() -> None:
     log, times = [], []
     for step in range(steps):
         t0 = time.perf_counter()
-        restored = True
         n_main, n_harm = len(streams["main"].handed), len(streams["harmful"].handed)
-        for _ in range(grad_accum):
-            batch = booster.next_batch(streams, step)
-            before = snapshot(engine)
-            loss = booster.loss(engine, engine.to_device(batch))
-            restored &= all(torch.equal(a, b) for a, b in zip(before, snapshot(engine), strict=True))
-            engine.backward(loss)
-            engine.step()
-        booster.after_step(engine, step + 1)
+        watch = RestoredAcrossLoss(engine)
+        train_step(engine, booster, streams, step, grad_accum, watch)
+        restored = watch.restored
         times.append(time.perf_counter() - t0)
         log.append({"step": step + 1, "main": streams["main"].handed[n_main:],
                     "harmful": streams["harmful"].handed[n_harm:], "restored": restored,

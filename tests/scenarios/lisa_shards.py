@@ -8,6 +8,7 @@ this rank's shard, stream positions, anchor sizes, and the live loss on a fixed 
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,6 +18,7 @@ from bulwark.defenses.lisa import Lisa, LisaConfig
 from bulwark.engine import Engine, exit_after_success
 from bulwark.losses import model_loss
 from bulwark.models import load_model, load_tokenizer
+from bulwark.recipes.step import StepObserver, train_step
 
 
 def features(n: int, seed: int, vocab: int) -> list[dict]:
@@ -26,6 +28,20 @@ def features(n: int, seed: int, vocab: int) -> list[dict]:
         ids = torch.randint(3, vocab, (12,), generator=g).tolist()
         rows.append({"input_ids": ids, "labels": [-100] * 6 + ids[6:]})
     return rows
+
+
+class ProximalStep(StepObserver):
+    """After the optimizer stepped (before Lisa's after_step): the largest distance of a shard from
+    w - lr * (g + rho * (w - anchor)), with w and g as the step's pre-hook saw them."""
+
+    def __init__(self, engine: Any, seen: dict, anchors: list, lr: float, rho: float) -> None:
+        self.engine, self.seen, self.anchors, self.lr, self.rho, self.err = engine, seen, anchors, lr, rho, 0.0
+
+    def before_after_step(self) -> None:
+        for i, shard in enumerate(self.engine.local_shards()):
+            w, g = self.seen[i]
+            expected = w - self.lr * (g + self.rho * (w - self.anchors[i]))
+            self.err = max(self.err, (shard.detach() - expected).abs().max().item())
 
 
 def main() -> None:
@@ -52,17 +68,9 @@ def main() -> None:
     for step in range(steps):
         anchors = [a.clone() for a in lisa.anchors]
         state = lisa.state
-        for _ in range(grad_accum):
-            batch = engine.to_device(lisa.next_batch(streams, step))
-            loss = lisa.loss(engine, batch)
-            engine.backward(loss)
-            engine.step()
-        err = 0.0
-        for i, shard in enumerate(engine.local_shards()):
-            w, g = seen[i]
-            expected = w - lr * (g + rho * (w - anchors[i]))
-            err = max(err, (shard.detach() - expected).abs().max().item())
-        lisa.after_step(engine, step + 1)
+        check = ProximalStep(engine, seen, anchors, lr, rho)
+        train_step(engine, lisa, streams, step, grad_accum, check)
+        err = check.err
         log.append({"step": step + 1, "state": state, "max_err": err,
                     "streams": {k: s.state_dict() for k, s in streams.items()}})
     total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in engine.trainable_parameters())

@@ -17,6 +17,7 @@ from bulwark.config import TrainConfig
 from bulwark.defenses.refusal_ul import NEGATIVES, RefusalUL, RefusalULConfig
 from bulwark.engine import Engine, exit_after_success
 from bulwark.models import load_model
+from bulwark.recipes.step import train_step
 
 
 def main() -> None:
@@ -34,10 +35,7 @@ def main() -> None:
                NEGATIVES: SyntheticStream(700_000, engine.rank, 2, vocab, True)}
     log = []
     for step in range(steps):
-        batch = defense.next_batch(streams, step)
-        engine.backward(defense.loss(engine, engine.to_device(batch)))
-        engine.step()
-        defense.after_step(engine, step + 1)
+        train_step(engine, defense, streams, step, 1)
         log.append({"main": streams["main"].handed[-1], "negatives": streams[NEGATIVES].handed[-1],
                     "metrics": defense.metrics()})
     state = engine.full_state_dict()

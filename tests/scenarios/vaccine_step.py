@@ -13,6 +13,7 @@ Rank 0 writes `out_dir/<name>.states.pt`: the full weights before the first step
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from synthetic import random_rows
@@ -22,6 +23,7 @@ from bulwark.data.collate import pad_collate
 from bulwark.defenses import build_defense
 from bulwark.engine import Engine, exit_after_success
 from bulwark.models import apply_lora, load_model
+from bulwark.recipes.step import StepObserver, train_step
 
 LR = 0.5
 
@@ -96,16 +98,10 @@ def run_case(case: dict, out_dir: Path) -> None:
     TRACE["n"] = 0
     log = []
     for step in range(train.steps):
-        micro, e_sq = [], []
         probes_before = len(streams["harmful"].served)
-        for _ in range(train.grad_accum):
-            batch = engine.to_device(defense.next_batch(streams, step))
-            micro.append({k: v.tolist() for k, v in batch.items()})
-            loss = defense.loss(engine, batch)
-            e_sq.append(sum(float(e.double().pow(2).sum()) for e in defense.hooks.offsets.values()))
-            engine.backward(loss)
-            engine.step()
-        defense.after_step(engine, step + 1)
+        seen = Perturbations(defense)
+        train_step(engine, defense, streams, step, train.grad_accum, seen)
+        micro, e_sq = seen.micro, seen.e_sq
         state = defense.state_dict()
         log.append({
             "step": step + 1, "batches": micro, "e_sq": e_sq, "metrics": defense.metrics(),
@@ -120,6 +116,19 @@ def run_case(case: dict, out_dir: Path) -> None:
     (out_dir / f"{case['name']}.rank{engine.rank}.json").write_text(json.dumps(result))
     if engine.rank == 0:
         torch.save(states, out_dir / f"{case['name']}.states.pt")
+
+
+class Perturbations(StepObserver):
+    """Each micro-batch as the loss saw it, and ||e||² of the perturbations its loss applied."""
+
+    def __init__(self, defense: Any) -> None:
+        self.defense, self.micro, self.e_sq = defense, [], []
+
+    def before_loss(self, batch: dict[str, torch.Tensor]) -> None:
+        self.micro.append({k: v.tolist() for k, v in batch.items()})
+
+    def after_loss(self, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        self.e_sq.append(sum(float(e.double().pow(2).sum()) for e in self.defense.hooks.offsets.values()))
 
 
 def main() -> None:
