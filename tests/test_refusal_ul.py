@@ -1,7 +1,8 @@
 """refusal_ul: the unlikelihood term against an explicit loop, the engine's steps under 2-rank ZeRO-3
 against a plain single-process PyTorch computation, and the negative stream built from real data.
 
-    L = CE(alignment rows) + λ · mean over the first k answer tokens of the negatives of -log(1 - p)
+    L = CE(alignment rows) + λ · mean over negative rows of (mean over the row's first min(k, |answer|)
+                                  answer tokens of -log(1 - p))
 
 The plain version is written independently of bulwark.defenses.refusal_ul: separate unpadded forwards
 of the two batches (the defense stacks them into one), the unlikelihood token by token in Python.
@@ -25,18 +26,25 @@ LR = 0.5  # the scenario's SGD learning rate
 Batch = dict[str, torch.Tensor]
 
 
-def loop_unlikelihood(logits: torch.Tensor, labels: torch.Tensor, k: int, floor: float) -> torch.Tensor:
-    terms = []
+def loop_terms(logits: torch.Tensor, labels: torch.Tensor, k: int, floor: float) -> list[list[torch.Tensor]]:
+    """Per row, -log(1 - p) of each of its first k answer tokens, in order."""
+    rows = []
     for row in range(labels.size(0)):
-        seen = 0
+        terms: list[torch.Tensor] = []
         for pos in range(1, labels.size(1)):
             token = int(labels[row, pos])
-            if token == -100 or seen == k:
+            if token == -100 or len(terms) == k:
                 continue
-            seen += 1
             p = torch.softmax(logits[row, pos - 1].double(), dim=-1)[token]
             terms.append(-torch.log(torch.clamp(1 - p, min=floor)))
-    return torch.stack(terms).mean()
+        rows.append(terms)
+    return rows
+
+
+def loop_unlikelihood(logits: torch.Tensor, labels: torch.Tensor, k: int, floor: float) -> torch.Tensor:
+    """Each pair's mean over its own scored tokens, then the mean over the pairs that have any."""
+    means = [torch.stack(terms).mean() for terms in loop_terms(logits, labels, k, floor) if terms]
+    return torch.stack(means).mean()
 
 
 def test_opening_mask_keeps_first_k_answer_tokens() -> None:
@@ -54,6 +62,30 @@ def test_unlikelihood_matches_token_loop(k: int) -> None:
     labels[1, 7:] = -100
     got = unlikelihood(logits, labels, k, 1e-4)
     torch.testing.assert_close(got.double(), loop_unlikelihood(logits, labels, k, 1e-4), atol=1e-5, rtol=1e-5)
+
+
+def test_a_short_row_weighs_as_much_as_a_full_one() -> None:
+    """Row 0's answer has 1 token, row 1's 6 (k = 4 of them scored), row 2 none (skipped): each scored
+    pair counts once, not in proportion to its tokens."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 10, 17, generator=g) * 3
+    labels = torch.randint(0, 17, (3, 10), generator=g)
+    labels[0, :9] = -100
+    labels[1, :4] = -100
+    labels[2, :] = -100
+    logits[0, 8, labels[0, 9]] = 8.0  # the short row's one token is a near-certain refusal: a large term
+    got = unlikelihood(logits, labels, 4, 1e-4).double()
+    want = loop_unlikelihood(logits, labels, 4, 1e-4)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    terms = loop_terms(logits, labels, 4, 1e-4)
+    assert [len(t) for t in terms] == [1, 4, 0]
+    pooled = torch.stack(terms[0] + terms[1]).mean()  # what pooling the micro-batch's tokens would give
+    assert abs(float(pooled - want)) > 0.1, "the short row does not tell per-pair from pooled"
+    # the short row's term is its own token's, whatever rides along in the micro-batch
+    alone = unlikelihood(logits[:1], labels[:1], 4, 1e-4).double()
+    torch.testing.assert_close(alone, terms[0][0], atol=1e-6, rtol=1e-6)
+    with pytest.raises(BulwarkInputError, match="no answer tokens"):
+        unlikelihood(logits[2:], labels[2:], 4, 1e-4)
 
 
 def test_unlikelihood_is_finite_for_a_certain_refusal() -> None:

@@ -92,6 +92,21 @@ class TrainingView(Protocol):
         its own parameter-prefetch trace, so it and the stepping pass stop invalidating each other's."""
         ...
 
+    # per-element control of the optimizer step (T-Vaccine's frozen layers)
+    def add_post_step_hook(self, fn: Callable[[list[tuple[int, torch.Tensor]]], None]) -> None:
+        """`fn([(shard index, fp32 master shard)])` right after the inner optimizer stepped those shards,
+        before the 16-bit weights are copied from them (the pair of `before_step`)."""
+        ...
+
+    def optimizer_state(self, shard: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inner torch optimizer's live state of one of `local_shards()`; empty before its first step."""
+        ...
+
+    def shard_slice(self, param: torch.nn.Parameter) -> tuple[int, int, int] | None:
+        """(shard index, start, length) of this rank's part of trainable `param` in `local_shards()`,
+        or None when this rank holds none of it."""
+        ...
+
 
 ShardIter = Iterator[tuple[int, torch.Tensor]]
 

@@ -9,11 +9,20 @@ term, the token-level unlikelihood loss of Welleck et al. (2020, "Neural text ge
 unlikelihood training") applied to the opening of a refusal placed after a benign prompt:
 
     L(w) = E_(x,y)~D_align [ -(1/|y|) Σ_t log p_w(y_t | x, y_<t) ]
-         + λ · E_(b,r)~D_neg [ -(1/k) Σ_{t<k} log(1 - p_w(r_t | b, r_<t)) ]
+         + λ · E_(b,r)~D_neg [ -(1/k_r) Σ_{t<k_r} log(1 - p_w(r_t | b, r_<t)) ],   k_r = min(k, |r|)
 
 D_align is the alignment set (harmful prompts with refusals, benign prompts with answers); D_neg pairs
 each benign prompt b of it with the response r of a randomly drawn refusal row, of which only the
-first k = `opening_tokens` tokens count. Both sides of the refusal decision now get a gradient: up
+first k = `opening_tokens` tokens count.
+
+The unlikelihood term is a mean over pairs of each pair's mean over its own scored tokens: a pair
+whose answer (after truncation to data.max_length) is shorter than k weighs as much as any other, and
+the micro-batch's other rows do not change its weight. Pooling all scored tokens of the micro-batch
+instead would weigh a pair by its token count, so a refusal cut to one token would count 1/k as much
+as a full one, and how much depended on what else shared its micro-batch. A pair with no answer token
+left is skipped (a micro-batch with none at all is an error). Per rank the term is the mean over its
+pairs; DeepSpeed averages the gradient over ranks, which equals the mean over all pairs when every
+rank scores the same number (the SFT term's cross-entropy pools tokens, as plain SFT does). Both sides of the refusal decision now get a gradient: up
 after harmful prompts (the SFT term), down after benign ones (the unlikelihood term). 1 - p is
 computed as -expm1(log p) and clamped at `min_complement`, so a refusal already near certain gives a
 large but finite gradient.
@@ -53,14 +62,18 @@ def opening_mask(labels: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def unlikelihood(logits: torch.Tensor, labels: torch.Tensor, k: int, min_complement: float) -> torch.Tensor:
-    """Mean over the first k answer tokens of every row of -log(1 - p(token)) (causal shift)."""
+    """-log(1 - p(token)) (causal shift) averaged over each row's first min(k, its answer length)
+    answer tokens, then over the rows that have any (see the module docstring for why per row)."""
     logits, labels = logits[:, :-1].float(), labels[:, 1:]
     mask = opening_mask(labels, k)
-    if not mask.any():
+    scored = mask.sum(dim=1)
+    if not bool((scored > 0).any()):
         raise BulwarkInputError("refusal_ul: a negative micro-batch has no answer tokens (raise data.max_length)")
     log_p = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
     complement = (-torch.expm1(log_p)).clamp_min(min_complement)
-    return -(torch.log(complement) * mask).sum() / mask.sum()
+    per_row = -(torch.log(complement) * mask).sum(dim=1)
+    kept = scored > 0
+    return (per_row[kept] / scored[kept]).mean()
 
 
 @register

@@ -150,12 +150,17 @@ class Engine:
         self.module: torch.nn.Module = self.ds.module
         self.device: torch.device = self.ds.device
         self._pre_step_fns: list[PreStepFn] = []
+        self._post_step_fns: list[PreStepFn] = []
         self._extra_coordinators: dict[str, Any] = {}
         self._shard_index = {id(shard): i for i, shard in enumerate(self.local_shards())}
         zero_optimizer = self.ds.optimizer
-        for inner in (zero_optimizer.optimizer, getattr(zero_optimizer, "backup_optimizer", None)):
-            if inner is not None:
-                inner.register_step_pre_hook(self._on_optimizer_step)
+        self._inner_optimizers = [
+            inner for inner in (zero_optimizer.optimizer, getattr(zero_optimizer, "backup_optimizer", None))
+            if inner is not None
+        ]
+        for inner in self._inner_optimizers:
+            inner.register_step_pre_hook(self._on_optimizer_step)
+            inner.register_step_post_hook(self._after_optimizer_step)
 
     # ---- the view defenses get -------------------------------------------------------------------
 
@@ -211,6 +216,55 @@ class Engine:
     def add_pre_step_hook(self, fn: PreStepFn) -> None:
         self._pre_step_fns.append(fn)
 
+    def add_post_step_hook(self, fn: PreStepFn) -> None:
+        """`fn([(shard index, fp32 master shard)])` right after the inner torch optimizer stepped those
+        shards, before DeepSpeed copies them into the 16-bit weights: an edit here is what the model
+        gets. Called once per inner step (ZeRO-3 may step one sub-group at a time)."""
+        self._post_step_fns.append(fn)
+
+    def optimizer_state(self, shard: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inner torch optimizer's state of a local shard (AdamW: step, exp_avg, exp_avg_sq), the live
+        tensors: edits are what the next step reads. Empty before the shard's first step (torch
+        creates it lazily)."""
+        if id(shard) not in self._shard_index:
+            raise ValueError("optimizer_state: not one of local_shards()")
+        for inner in self._inner_optimizers:
+            # `in` first: optimizer.state is a defaultdict, and a lookup would insert an empty entry
+            if shard in inner.state:
+                return inner.state[shard]
+        return {}
+
+    def shard_slice(self, param: torch.nn.Parameter) -> tuple[int, int, int] | None:
+        """(shard index, start, length): where this rank's part of trainable `param` lies in
+        `local_shards()[shard index]`, flattened; None when this rank holds none of it.
+
+        ZeRO-3 keeps a slice of every parameter on every rank (the last rank's may end in padding, which
+        the range includes); ZeRO-1/2 cut the group's flat buffer into equal partitions, so a parameter
+        may lie in one rank's partition, in none, or straddle two.
+        """
+        zero = self.ds.optimizer
+        shards = self.local_shards()
+        if self.zero_stage == 3:
+            for index, params in enumerate(zero.fp16_groups):
+                offset = 0
+                for p in params:
+                    size = int(p.ds_tensor.ds_numel)
+                    if p is param:
+                        return index, offset, size
+                    offset += size
+            return None
+        for index, params in enumerate(zero.bit16_groups):
+            if not any(p is param for p in params):
+                continue
+            flat = zero.bit16_groups_flat[index]
+            # the weights are views into the group's flat buffer (DeepSpeed re-points p.data at it)
+            start = (param.data_ptr() - flat.data_ptr()) // flat.element_size()
+            size = shards[index].numel()
+            first = size * torch.distributed.get_rank(group=zero.real_dp_process_group[index])
+            lo, hi = max(start, first), min(start + param.numel(), first + size)
+            return (index, lo - first, hi - lo) if hi > lo else None
+        return None
+
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         # ZeRO-3 may step one sub-group at a time: hand over only the shards present in this call.
         present = [
@@ -220,6 +274,18 @@ class Engine:
             if id(p) in self._shard_index and p.grad is not None
         ]
         for fn in self._pre_step_fns:
+            fn(present)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # DeepSpeed empties a ZeRO-3 sub-group's param list only after optimizer.step() returns, so the
+        # shards of this call are still listed here
+        present = [
+            (self._shard_index[id(p)], p)
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if id(p) in self._shard_index
+        ]
+        for fn in self._post_step_fns:
             fn(present)
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -485,9 +551,11 @@ DS_INTERNALS: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
     "engine@zero3": ((3,), ("_zero3_consolidated_16bit_state_dict",)),
     # engine.optimizer: DeepSpeedZeroOptimizer (ZeRO-1/2) or DeepSpeedZeroOptimizer_Stage3
     "optimizer": ((1, 2, 3), ("optimizer", "overflow")),
-    "optimizer@zero12": ((1, 2), ("single_partition_of_fp32_groups",)),
+    "optimizer@zero12": ((1, 2), (
+        "single_partition_of_fp32_groups", "bit16_groups", "bit16_groups_flat", "real_dp_process_group",
+    )),
     "optimizer@zero3": ((3,), (
-        "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "grad_partitions_flat_buffer",
+        "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups", "grad_partitions_flat_buffer",
         "persistent_parameters", "micro_step_id", "_epilogue_ran_this_backward", "parameter_offload",
         "offload_optimizer", "offload_param", "zero_hpz_partition_size",
     )),
