@@ -12,6 +12,7 @@ per micro-batch and the update is SGD on the mean of those losses (what DeepSpee
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -47,13 +48,21 @@ def ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100)
 
 
+def reference_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The reference's masked CE on answer-token masks: the logits of a position whose next token is
+    scored but which is not an answer token itself (the one predicting the first answer token) are
+    zeroed, so that token's loss is the constant log V. Bulwark does not do this (docs/DEFENSES.md)."""
+    zero = (labels[:, 1:] != -100) & (labels[:, :-1] == -100)
+    return ce(logits.masked_fill(F.pad(zero, (0, 1)).unsqueeze(-1), 0.0), labels)
+
+
 def trim(batch: Batch) -> Batch:
     keep = int(batch["attention_mask"].sum(1).max())
     return {k: v[:, :keep] for k, v in batch.items()}
 
 
 def plain_loss(model: torch.nn.Module, harmless: Batch, harmful: Batch, cfg: RepNoiseConfig,
-               gen: torch.Generator) -> torch.Tensor:
+               gen: torch.Generator, ce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = ce) -> torch.Tensor:
     llama = model.get_base_model() if hasattr(model, "get_base_model") else model
     padded_len = max(harmless["input_ids"].size(1), harmful["input_ids"].size(1))
     harmless, harmful = trim(harmless), trim(harmful)
@@ -196,6 +205,13 @@ def test_one_process_default_config_matches_plain(tiny_model_dir: Path) -> None:
     got = defense.loss(View(), good)
     want = plain_loss(model, good, bad, RepNoiseConfig(), torch.Generator().manual_seed(0))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # Bulwark keeps the first answer token in every CE (the reference's CE makes it the constant log V):
+    # the loss and its gradient differ from the reference form by far more than the tolerance
+    got_grad = torch.autograd.grad(got, model.lm_head.weight)[0]
+    first_zeroed = plain_loss(model, good, bad, RepNoiseConfig(), torch.Generator().manual_seed(0), reference_ce)
+    assert (got - first_zeroed).abs().item() > 1e-3
+    ref_grad = torch.autograd.grad(first_zeroed, model.lm_head.weight)[0]
+    assert (got_grad - ref_grad).norm() > 0.05 * got_grad.norm()
 
 
 def test_registered_for_align_with_reference_defaults() -> None:

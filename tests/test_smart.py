@@ -18,10 +18,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bulwark.data.collate import pad_collate
 from bulwark.defenses import build_defense
-from bulwark.defenses.smart import Smart, SmartConfig, project_step, sym_kl
+from bulwark.defenses.smart import (
+    ASCENT_DIVERGENCES,
+    NORMALIZATIONS,
+    Smart,
+    SmartConfig,
+    project_step,
+    sym_kl,
+)
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import causal_lm_loss
+from bulwark.models import load_model
 from tests.conftest import SCENARIOS, check, plain_model, torchrun
 
 BIG = {"noise_std": 0.01, "step_size": 0.01, "epsilon": 0.005, "beta": 0.5, "lambda_s": 5.0, "mu": 5.0, "seed": 3}
@@ -39,23 +48,58 @@ def plain_sym_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Ten
     return ((kl_pq + kl_qp) * m).sum() / m.sum()
 
 
-def plain_loss(model: torch.nn.Module, ema_model: torch.nn.Module, batch: Batch, cfg: SmartConfig,
-               gen: torch.Generator) -> torch.Tensor:
+def plain_kl(p_logits: torch.Tensor, q_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked token mean of KL(p || q)."""
+    kl = F.kl_div(F.log_softmax(q_logits, -1), F.log_softmax(p_logits, -1), log_target=True, reduction="none").sum(-1)
+    m = mask.float()
+    return (kl * m).sum() / m.sum()
+
+
+def plain_ascent_objective(clean: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor, divergence: str) -> torch.Tensor:
+    if divergence == "forward":  # the clean prediction as the target distribution (mt-dnn's KlCriterion)
+        return plain_kl(clean, adv, mask)
+    if divergence == "reverse":  # mt-dnn's stable_kl(adv, clean), without its log-odds clamp and factor 2
+        return plain_kl(adv, clean, mask)
+    return plain_sym_kl(clean, adv, mask)
+
+
+def plain_delta(model: torch.nn.Module, batch: Batch, cfg: SmartConfig, gen: torch.Generator,
+                clean: torch.Tensor) -> torch.Tensor:
+    """δ after cfg.ascent_steps projected ascent steps, each ∞-norm per token or over the row's whole
+    (tokens, hidden) block, for the ball (paper) or unit (mt-dnn) projection."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
     embed = model.get_input_embeddings()
     keep = mask.unsqueeze(-1).float()
     noise = torch.stack([torch.randn(ids.size(1), embed.embedding_dim, generator=gen) for _ in range(ids.size(0))])
     delta = noise * cfg.noise_std * keep
-    clean_embeds = embed(ids)
-    clean = model(inputs_embeds=clean_embeds, attention_mask=mask).logits
+    clean_embeds = embed(ids).detach()
+
+    def inf_norm(x: torch.Tensor) -> torch.Tensor:
+        if cfg.normalize == "example":
+            return x.abs().flatten(1).max(dim=1).values.view(-1, 1, 1)
+        return x.abs().max(dim=-1, keepdim=True).values
+
     for _ in range(cfg.ascent_steps):
         delta = delta.detach().requires_grad_(True)
-        adv = model(inputs_embeds=clean_embeds.detach() + delta, attention_mask=mask).logits
-        (grad,) = torch.autograd.grad(plain_sym_kl(clean.detach(), adv, mask), delta)
-        top = grad.abs().max(dim=-1, keepdim=True).values
-        step = torch.where(top > 0, grad / top, torch.zeros_like(grad))
-        delta = torch.clamp(delta.detach() + cfg.step_size * step, -cfg.epsilon, cfg.epsilon) * keep
-    adv = model(inputs_embeds=clean_embeds + delta.detach(), attention_mask=mask).logits
+        adv = model(inputs_embeds=clean_embeds + delta, attention_mask=mask).logits
+        (grad,) = torch.autograd.grad(plain_ascent_objective(clean.detach(), adv, mask, cfg.ascent_divergence), delta)
+        if cfg.projection == "unit":
+            moved = delta.detach() + cfg.step_size * grad
+            delta = moved / (inf_norm(moved) + cfg.epsilon) * keep
+        else:
+            top = inf_norm(grad)
+            step = torch.where(top > 0, grad / top, torch.zeros_like(grad))
+            delta = torch.clamp(delta.detach() + cfg.step_size * step, -cfg.epsilon, cfg.epsilon) * keep
+    return delta.detach()
+
+
+def plain_loss(model: torch.nn.Module, ema_model: torch.nn.Module, batch: Batch, cfg: SmartConfig,
+               gen: torch.Generator) -> torch.Tensor:
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    clean_embeds = model.get_input_embeddings()(ids)
+    clean = model(inputs_embeds=clean_embeds, attention_mask=mask).logits
+    delta = plain_delta(model, batch, cfg, gen, clean)
+    adv = model(inputs_embeds=clean_embeds + delta, attention_mask=mask).logits
     with torch.no_grad():
         ema_logits = ema_model(input_ids=ids, attention_mask=mask).logits
     return (causal_lm_loss(clean, batch["labels"]) + cfg.lambda_s * plain_sym_kl(clean, adv, mask)
@@ -114,21 +158,29 @@ def assert_matches(after: dict, expected: dict, before: dict, others: list[dict]
         assert gap > 1e-4, gap
 
 
+MT_DNN_ASCENT = {"ascent_divergence": "reverse", "normalize": "token", "projection": "unit"}
+PAPER_ASCENT = {"ascent_divergence": "symmetric", "normalize": "example"}
+
+
 @pytest.mark.parametrize(
-    ("nproc", "ds", "lora", "steps", "lr"),
-    [(1, "zero3", False, 2, 0.5), (2, "zero3", False, 4, 0.1), (2, "zero3", True, 2, 0.5),
-     (2, "zero2", True, 2, 0.5)],
-    ids=["1proc-zero3-full", "2rank-zero3-full", "2rank-zero3-lora", "2rank-zero2-lora-fallback"],
+    ("nproc", "ds", "lora", "steps", "lr", "ascent"),
+    [(1, "zero3", False, 2, 0.5, {}), (2, "zero3", False, 4, 0.1, {}), (2, "zero3", True, 2, 0.5, {}),
+     (2, "zero2", True, 2, 0.5, {}), (2, "zero3", False, 2, 0.5, PAPER_ASCENT),
+     (2, "zero3", False, 2, 0.1, MT_DNN_ASCENT)],
+    ids=["1proc-zero3-full", "2rank-zero3-full", "2rank-zero3-lora", "2rank-zero2-lora-fallback",
+         "2rank-zero3-paper-ascent", "2rank-zero3-mtdnn-ascent"],
 )
 def test_steps_equal_plain_pytorch(tmp_path: Path, tiny_model_dir: Path, nproc: int, ds: str, lora: bool,
-                                   steps: int, lr: float) -> None:
+                                   steps: int, lr: float, ascent: dict) -> None:
     # The first step has θ_ema = θ (Bregman term zero), later ones a real EMA. Four steps reach ZeRO-3's
     # steady state, where its prefetcher replays a recorded trace of the passes (a smaller lr there
-    # keeps four SGD steps from amplifying float rounding beyond the tolerance).
-    ranks, before, after = run_scenario(tmp_path, tiny_model_dir, nproc, ds, lora, 1, 2, steps, True, lr, BIG)
-    cfg = SmartConfig(**BIG)
+    # keeps four SGD steps from amplifying float rounding beyond the tolerance; also for mt-dnn's
+    # "unit" projection, whose |δ| ~ 1 makes R_s large).
+    config = {**BIG, **ascent}
+    ranks, before, after = run_scenario(tmp_path, tiny_model_dir, nproc, ds, lora, 1, 2, steps, True, lr, config)
+    cfg = SmartConfig(**config)
     expected = plain_smart(tiny_model_dir, lora, before, ranks, cfg, lr)
-    others = [plain_smart(tiny_model_dir, lora, before, ranks, SmartConfig(**{**BIG, off: 0.0}), lr)
+    others = [plain_smart(tiny_model_dir, lora, before, ranks, SmartConfig(**{**config, off: 0.0}), lr)
               for off in ("lambda_s", "mu")]
     assert_matches(after, expected, before, others)
     assert ranks[0]["log"][1]["metrics"]["smart_breg"] > 0
@@ -152,7 +204,59 @@ def test_ema_checkpoint_resume_is_exact(tmp_path: Path, tiny_model_dir: Path) ->
     assert ranks[0]["resumed_weights_equal"]
 
 
-# ---- in process: the pieces and the registry --------------------------------------------------------
+# ---- in process: the ascent options, the pieces and the registry -------------------------------------
+
+# |δ| comparable to the tiny model's embeddings (std 0.02) and η < ε, two steps: the ascent leaves the
+# quadratic regime, where all three divergences share one Hessian (the Fisher) and give the same δ
+ASCENT = {"noise_std": 0.02, "step_size": 0.03, "epsilon": 0.05, "ascent_steps": 2, "mu": 0.0, "seed": 3,
+          "own_trace": False}
+OPTIONS = [(d, n) for d in ASCENT_DIVERGENCES for n in NORMALIZATIONS]
+
+
+class StandIn:
+    """The engine surface SMART's ascent reads, for one process without DeepSpeed."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.module = model
+
+    def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.module.named_parameters() if p.requires_grad]
+
+    def local_shards(self) -> list[torch.Tensor]:
+        return [torch.cat([p.detach().flatten() for _, p in self.trainable_parameters()])]
+
+
+@pytest.mark.parametrize("projection", ["ball", "unit"])
+def test_ascent_options_equal_plain_pytorch(tiny_model_dir: Path, projection: str) -> None:
+    """Each (ascent_divergence, normalize) gives the δ of the plain computation, and each differs from
+    the others by far more than the tolerance (so the comparison tells them apart)."""
+    from tests.scenarios.synthetic import random_rows
+
+    model = load_model(str(tiny_model_dir), "fp32")
+    batch = pad_collate(random_rows(7, 3, model.config.vocab_size, ragged=True), 0)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    stacked = {"input_ids": torch.cat([ids, ids]), "attention_mask": torch.cat([mask, mask])}
+    with torch.no_grad():
+        clean = model(input_ids=ids, attention_mask=mask).logits
+    deltas = {}
+    for divergence, normalize in OPTIONS:
+        # "unit" rescales δ + η g to ∞-norm 1: a larger η keeps g (not the initial noise) in charge of δ
+        cfg = SmartConfig(**{**ASCENT, "step_size": 3.0 if projection == "unit" else ASCENT["step_size"]},
+                          projection=projection, ascent_divergence=divergence, normalize=normalize)
+        smart = Smart(cfg, 1)
+        view = StandIn(model)
+        smart.attach(view)
+        got = smart._adversarial_delta(view, stacked, ids.size(0))
+        want = plain_delta(model, batch, cfg, torch.Generator().manual_seed(cfg.seed * 1_000_003), clean)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4, msg=f"{divergence}/{normalize}")
+        assert (got[mask == 0] == 0).all()
+        deltas[divergence, normalize] = want
+    for i, a in enumerate(OPTIONS):
+        for b in OPTIONS[i + 1:]:
+            assert (deltas[a] - deltas[b]).abs().max().item() > 1e-4, (a, b)
+
 
 
 def test_sym_kl_and_projection() -> None:
@@ -170,6 +274,12 @@ def test_sym_kl_and_projection() -> None:
     unit = project_step(delta, grad, 0.1, 1e-6, "unit")  # mt-dnn: rescale δ + η g to ∞-norm 1
     torch.testing.assert_close(unit[0], torch.tensor([0.6, 0.3, 0.55, 0.5]) / (0.6 + 1e-6))
     torch.testing.assert_close(unit[1], torch.full((4,), 0.5 / (0.5 + 1e-6)))
+    # per example: one ∞-norm over the row's (tokens, hidden) block, the ε clip still per entry
+    rows = torch.stack([grad[:2], grad[1:]])  # (2 rows, 2 tokens, 4)
+    example = project_step(torch.zeros(2, 2, 4), rows, 1e-3, 1e-3, normalize="example")
+    torch.testing.assert_close(example[0, 0], torch.tensor([0.5e-3, -1e-3, 0.25e-3, 0.0]))
+    torch.testing.assert_close(example[1, 1], torch.tensor([1e-3, 1e-3, -1e-3, 1e-3 / 3]))
+    torch.testing.assert_close(example[1, 0], torch.zeros(4))
 
 
 def test_registered_for_finetune_only_with_reference_defaults() -> None:
@@ -183,3 +293,8 @@ def test_registered_for_finetune_only_with_reference_defaults() -> None:
         build_defense({"name": "smart", "epsilon": 0}, "finetune", 10)
     with pytest.raises(BulwarkInputError, match="projection"):
         build_defense({"name": "smart", "projection": "l2"}, "finetune", 10)
+    assert (smart.config.ascent_divergence, smart.config.normalize) == ("symmetric", "token")
+    with pytest.raises(BulwarkInputError, match="ascent_divergence"):
+        build_defense({"name": "smart", "ascent_divergence": "js"}, "finetune", 10)
+    with pytest.raises(BulwarkInputError, match="normalize"):
+        build_defense({"name": "smart", "normalize": "batch"}, "finetune", 10)

@@ -19,14 +19,22 @@ with, as in the reference loss:
   last one out after the final norm, and the reference normalises it once more, as here), so H sums
   L + 2 cross entropies and is divided by L + 1: the reference's "logit lens" ascent term;
 - CE the mean next-token cross entropy over the answer tokens (`bulwark.losses.causal_lm_loss`).
-Defaults: β = 0.001, α = 1 (the reference's and the issue's); 5 kernels with multiplier 2.
+Defaults: β = 0.001, α = 1 (the reference's and the issue's); 5 kernels with multiplier 2. At β = 1e-3
+the MMD term moves a step's update by about 1e-6 (issue 19): it barely acts; choosing values that act
+is the defense-table issue's work, on validation prompts.
 
 Where this differs from the reference and why:
 - Masks: the reference pairs each harmful row with a harmless row of the same question and masks
   the tokens where the two differ. Bulwark's streams are not paired, so the answer tokens
   (labels != -100) of each batch are used: the same tokens when the pairs share their prompt.
-- The reference's CE multiplies the logits by a shifted mask and drops token id 0; here the plain
-  causal-LM CE of the loop is used for all terms.
+- CE: the plain causal-LM CE of the loop over all answer tokens, for all terms. The reference's CE
+  multiplies the logits by the answer mask shifted one token (and drops token id 0), which zeroes the
+  logits predicting the FIRST answer token: its loss is the constant log V and it gets no gradient,
+  in the refusal CE and in every term of the harmful ascent. Kept plain because that token is where
+  the model refuses or complies and the paper's loss is a plain CE; measured, one step at the
+  defaults: the reference form changes the gradient by 13% of its norm on SmolLM2-135M (19% on the
+  tiny test Llama), whose first answer token is its least learned (refusal CE 3.36 against 2.16 for
+  the rest). docs/DEFENSES.md has the numbers.
 - d² is computed from the Gram matrix (|x|² + |y|² - 2 x·y, clamped at 0) instead of broadcasting
   the (n, n, d) differences: same value up to rounding, O(n · d) memory instead of O(n² · d).
 

@@ -11,20 +11,43 @@ with f the model's next-token distributions. The second term is the smoothness-i
 R_s, δ a perturbation of the input embeddings (one vector per token) found by projected ascent:
 
     δ ~ N(0, σ² I) on attended tokens, then K times, with f(x; θ) held fixed:
-        g = ∇_δ SymKL(f(x; θ), f(x + δ; θ));   δ_t ← clip(δ_t + η g_t / ||g_t||_∞, -ε, ε)   per token t
+        g = ∇_δ D(f(x; θ), f(x + δ; θ));   δ ← clip(δ + η g / ||g||_∞, -ε, ε)
 
+with D the ascent divergence (`ascent_divergence`) and ||g||_∞ taken per token (`normalize="token"`) or
+over each row's whole (tokens, hidden) block (`normalize="example"`); the clip is per entry either way.
 The third term is the Bregman proximal point term D_Breg (the paper's momentum form): θ_ema starts at
 the initial trainable weights and after every optimizer step θ_ema ← β θ_ema + (1 - β) θ.
-Defaults: the reference code's (namisan/mt-dnn: adv_noise_var σ = 1e-5, adv_step_size η = 1e-5,
-adv_epsilon ε = 1e-6, adv_k K = 1, adv_alpha λ_s = 1) and the paper's (μ = 1, β = 0.99).
+Defaults: the reference code's values (namisan/mt-dnn: adv_noise_var σ = 1e-5, adv_step_size η = 1e-5,
+adv_epsilon ε = 1e-6, adv_k K = 1, adv_alpha λ_s = 1) and the paper's (μ = 1, β = 0.99). At these
+values SMART does not act: R_s is ~3e-11 (tiny test Llama) / ~1.5e-9 (SmolLM2-135M) and moves a
+step's gradient by ~2e-7 / ~9e-7 of its norm, about float32 rounding (the issue-19 check: ~7e-8 of
+the update); choosing values that act is the defense-table issue's work, on validation prompts.
 
-Where this differs from the reference and why:
-- Projection: the paper's Algorithm 1 by default (projection="ball": normalise the gradient by its
-  per-token ∞-norm, step, clip δ to the ε ball). mt-dnn's code instead rescales δ + η g to a unit
-  per-token ∞-norm, ε only keeping the division finite (projection="unit"): |δ| ~ 1 whatever η is,
-  and with η = 1e-5 it is mostly the normalised initial noise. With the ball and ε = 1e-6, R_s is
-  tiny (~1e-11 on the tiny test Llama): the term is nearly inert at the defaults, as in the paper's
+Where the paper (Algorithm 1) and mt-dnn's code differ, both are offered:
+- Projection (`projection`): the paper's by default ("ball": normalise the gradient, step, clip δ to
+  the ε ball). mt-dnn's code instead rescales δ + η g to ∞-norm 1, ε only keeping the division finite
+  ("unit"): |δ| ~ 1 whatever η is, and with η = 1e-5 it is mostly the normalised initial noise. With
+  the ball and ε = 1e-6, R_s is tiny: the term is nearly inert at the defaults, as in the paper's
   equations; "unit" reproduces the reference code's much larger perturbation.
+- Ascent divergence (`ascent_divergence`): the paper ascends ℓ_s itself, the SymKL it then minimises
+  ("symmetric", the default). mt-dnn's code ascends a one-sided KL against the detached clean
+  prediction: its first release KL(f(x) || f(x + δ)) (F.kl_div with the clean softmax as target:
+  "forward"), its current one stable_kl(adv, clean) ≈ 2 KL(f(x + δ) || f(x)) in log-odds ("reverse";
+  here in log-probabilities without the factor 2, which only the "unit" projection sees). Default
+  symmetric because it is the paper's and the shipped behaviour, and because at the defaults the
+  choice does not matter: the three divergences vanish at δ = 0 with the same Hessian (the Fisher
+  information), so while |δ| is small against the embeddings the normalised ascent direction is the
+  same (measured at the defaults: cos(δ_forward, δ_symmetric) = 1.0000 on the tiny Llama, 0.9988 on
+  SmolLM2-135M, R_s within 2%). They part only for perturbations the size of the embeddings
+  (tests/test_smart.py uses |δ| ~ 0.05).
+- Gradient normalisation (`normalize`): mt-dnn's default (norm_level 0) divides g by each token's
+  ∞-norm ("token", the default); the paper's Algorithm 1 by the whole example's ("example"). Default
+  per token because it is the better ascent on the paper's own objective: the linearised maximiser
+  over the ε ball is ε sign(g) on every entry, and with η ≥ ε a per-token step puts every token on the
+  ball's surface, where a per-example step leaves tokens with small gradients nearly unperturbed
+  (measured at the defaults: R_s 11% lower per example on the tiny Llama, 4.6x lower on SmolLM2-135M;
+  docs/DEFENSES.md). It is also the shipped behaviour, so results at the defaults are unchanged.
+Where Bulwark differs from both, and why:
 - Reduction: the mean over attended tokens (the CE convention of `bulwark.losses`) instead of
   mt-dnn's sum over classes / batch size: a causal LM has one output distribution per token.
 - Gradient: the loss above is differentiated as written (both KL directions, both arguments; only
@@ -89,6 +112,12 @@ class SmartConfig:
     epsilon: float = 1e-6  # ε: per-token ∞-norm radius of δ (mt-dnn adv_epsilon)
     ascent_steps: int = 1  # K (mt-dnn adv_k)
     projection: str = "ball"  # "ball": clip δ to the ε ball (paper); "unit": mt-dnn's rescaling to ∞-norm 1
+    # what the ascent maximises: "symmetric" SymKL (paper); "forward" KL(f(x) || f(x + δ)) (mt-dnn's first
+    # release); "reverse" KL(f(x + δ) || f(x)) (mt-dnn's current stable_kl); the clean side is held fixed
+    ascent_divergence: str = "symmetric"
+    # where the ascent gradient is normalised (and "unit" rescales): "token" per token (mt-dnn's default,
+    # norm_level 0), "example" over each row's whole (tokens, hidden) block (the paper's Algorithm 1)
+    normalize: str = "token"
     seed: int = 0  # noise generator seed; rank r draws from its own stream
     # ZeRO-3: the EMA and ascent passes each keep their own parameter-prefetch trace (faster; may hold
     # up to a prefetch bucket more gathered: docs/DEFENSES.md); false shares the stepping pass's trace
@@ -117,14 +146,41 @@ def sym_kl_of(p: Distribution, q: Distribution, mask: torch.Tensor) -> torch.Ten
     return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
 
 
+ASCENT_DIVERGENCES = ("symmetric", "forward", "reverse")
+NORMALIZATIONS = ("token", "example")
+
+
+def kl_of(p: Distribution, q: Distribution, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens with mask 1 of KL(p || q)."""
+    per_token = (p.prob * (p.log - q.log)).sum(-1)
+    weights = mask.to(per_token.dtype)
+    return (per_token * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def ascent_objective(clean: Distribution, perturbed: Distribution, mask: torch.Tensor, divergence: str) -> torch.Tensor:
+    """What the ascent on δ maximises (`SmartConfig.ascent_divergence`); `clean` is held fixed by the caller."""
+    if divergence == "forward":
+        return kl_of(clean, perturbed, mask)
+    if divergence == "reverse":
+        return kl_of(perturbed, clean, mask)
+    return sym_kl_of(clean, perturbed, mask)
+
+
+def _inf_norm(x: torch.Tensor, normalize: str) -> torch.Tensor:
+    # "token": over the last dim (hidden); "example": over all dims but the first (row)
+    dims = -1 if normalize == "token" else tuple(range(1, x.dim()))
+    return x.abs().amax(dim=dims, keepdim=True)
+
+
 def project_step(delta: torch.Tensor, grad: torch.Tensor, step_size: float, epsilon: float,
-                 projection: str = "ball") -> torch.Tensor:
-    """One ascent step per token (last dim). "ball": δ + η g / ||g||_∞ clipped to the ∞-norm ε ball
-    (a zero gradient leaves δ as it is); "unit": (δ + η g) / (||δ + η g||_∞ + ε), as mt-dnn's code."""
+                 projection: str = "ball", normalize: str = "token") -> torch.Tensor:
+    """One ascent step on δ (rows, tokens, hidden). "ball": δ + η g / ||g||_∞ clipped to the ∞-norm
+    ε ball (a zero gradient leaves δ as it is); "unit": (δ + η g) / (||δ + η g||_∞ + ε), as mt-dnn's
+    code. The ∞-norms are per token or per row (`normalize`); the ε ball's clip is per entry either way."""
     if projection == "unit":
         step = delta + step_size * grad
-        return step / (step.abs().amax(dim=-1, keepdim=True) + epsilon)
-    scale = grad.abs().amax(dim=-1, keepdim=True).clamp_min(torch.finfo(grad.dtype).tiny)
+        return step / (_inf_norm(step, normalize) + epsilon)
+    scale = _inf_norm(grad, normalize).clamp_min(torch.finfo(grad.dtype).tiny)
     return (delta + step_size * grad / scale).clamp(-epsilon, epsilon)
 
 
@@ -150,6 +206,9 @@ class Smart(Defense):
             (config.epsilon > 0, "defense.epsilon must be > 0"),
             (config.ascent_steps >= 0, "defense.ascent_steps must be >= 0"),
             (config.projection in ("ball", "unit"), "defense.projection must be ball or unit"),
+            (config.ascent_divergence in ASCENT_DIVERGENCES,
+             f"defense.ascent_divergence must be one of {', '.join(ASCENT_DIVERGENCES)}"),
+            (config.normalize in NORMALIZATIONS, f"defense.normalize must be one of {', '.join(NORMALIZATIONS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -229,7 +288,8 @@ class Smart(Defense):
         return engine.extra_pass(kind) if self.config.own_trace else nullcontext()
 
     def _adversarial_delta(self, engine: TrainingView, stacked: Batch, rows: int) -> torch.Tensor:
-        """δ after K projected ascent steps on SymKL(f(x) fixed, f(x + δ)); pad tokens stay unperturbed."""
+        """δ after K projected ascent steps on the ascent divergence of f(x) (fixed) and f(x + δ); pad
+        tokens stay unperturbed."""
         cfg = self.config
         mask = stacked["attention_mask"][:rows]
         keep = mask.unsqueeze(-1).float()
@@ -249,8 +309,9 @@ class Smart(Defense):
                 else:
                     with self._perturbed(delta):
                         perturbed = engine.module(input_ids=stacked["input_ids"][:rows], attention_mask=mask).logits
-                (grad,) = torch.autograd.grad(sym_kl_of(clean, Distribution(perturbed), mask), delta)
-            delta = project_step(delta.detach(), grad, cfg.step_size, cfg.epsilon, cfg.projection) * keep
+                objective = ascent_objective(clean, Distribution(perturbed), mask, cfg.ascent_divergence)
+                (grad,) = torch.autograd.grad(objective, delta)
+            delta = project_step(delta.detach(), grad, cfg.step_size, cfg.epsilon, cfg.projection, cfg.normalize) * keep
         return delta.detach()
 
     def _ema_logits(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
