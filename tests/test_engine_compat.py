@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from bulwark.engine import core
+from bulwark.engine import compat, core
 from bulwark.errors import BulwarkInputError
 from tests.conftest import REPO, check, run_cmd
 
@@ -25,13 +25,13 @@ def _stub_engine(stage: int) -> SimpleNamespace:
     """An object with every attribute DS_INTERNALS lists for `stage`, shaped like deepspeed.initialize's engine."""
 
     def filled(key: str) -> SimpleNamespace:
-        return SimpleNamespace(**{name: 0 for name in core.DS_INTERNALS[key][1]})
+        return SimpleNamespace(**{name: 0 for name in compat.DS_INTERNALS[key][1]})
 
     def backward(loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> None:
         del loss, retain_graph, scale_wrt_gas
 
     param = torch.nn.Parameter(torch.zeros(1))
-    for name in core.DS_INTERNALS["param"][1]:
+    for name in compat.DS_INTERNALS["param"][1]:
         setattr(param, name, 0)
     param.ds_tensor = filled("param.ds_tensor")
     module = torch.nn.Module()
@@ -47,7 +47,7 @@ def _stub_engine(stage: int) -> SimpleNamespace:
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_stub_with_every_internal_passes(stage: int) -> None:
-    core.check_deepspeed_internals(_stub_engine(stage), stage)
+    compat.check_deepspeed_internals(_stub_engine(stage), stage)
 
 
 @pytest.mark.parametrize(
@@ -71,28 +71,28 @@ def test_missing_internal_fails_in_one_line(stage: int, where: str, name: str) -
     }[where]
     delattr(owner, name)
     with pytest.raises(BulwarkInputError) as err:
-        core.check_deepspeed_internals(engine, stage)
+        compat.check_deepspeed_internals(engine, stage)
     message = str(err.value)
     assert MOVED.match(message), message
     assert name in message and "\n" not in message
     import deepspeed
 
     assert f"DeepSpeed {deepspeed.__version__} moved" in message
-    assert f"install deepspeed=={core.DS_TESTED_VERSION}" in message
+    assert f"install deepspeed=={compat.DS_TESTED_VERSION}" in message
 
 
 def test_stage2_does_not_ask_for_zero3_internals() -> None:
     engine = _stub_engine(2)
     del engine._zero3_consolidated_16bit_state_dict
-    core.check_deepspeed_internals(engine, 2)
+    compat.check_deepspeed_internals(engine, 2)
 
 
 def test_partitioned_param_check() -> None:
     engine = _stub_engine(3)
-    core.check_partitioned_param(engine.module.w)
+    compat.check_partitioned_param(engine.module.w)
     del engine.module.w.ds_process_group
     with pytest.raises(BulwarkInputError, match=r"moved Parameter\.ds_process_group \("):
-        core.check_partitioned_param(engine.module.w)
+        compat.check_partitioned_param(engine.module.w)
 
 
 class _Recorder:
@@ -108,7 +108,7 @@ def test_coordinator_kwargs_constant_matches_the_call(monkeypatch: pytest.Monkey
 
     monkeypatch.setattr(ppc, "PartitionedParameterCoordinator", _Recorder)
     core._coordinator_like(_stub_engine(3).optimizer.parameter_offload)
-    assert sorted(_Recorder.seen) == sorted(core.COORDINATOR_KWARGS)
+    assert sorted(_Recorder.seen) == sorted(compat.COORDINATOR_KWARGS)
 
 
 def test_coordinator_signature_change_is_caught(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -124,15 +124,15 @@ def test_coordinator_signature_change_is_caught(monkeypatch: pytest.MonkeyPatch)
 
     monkeypatch.setattr(ppc, "PartitionedParameterCoordinator", Renamed)
     with pytest.raises(BulwarkInputError) as err:
-        core.check_deepspeed_internals(_stub_engine(3), 3)
+        compat.check_deepspeed_internals(_stub_engine(3), 3)
     assert MOVED.match(str(err.value)), str(err.value)
     assert "(prefetch_nvme=)" in str(err.value)
 
 
 def test_missing_module_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(core, "DS_IMPORTS", (*core.DS_IMPORTS, "deepspeed.runtime.zero.gone_module:Thing"))
+    monkeypatch.setattr(compat, "DS_IMPORTS", (*compat.DS_IMPORTS, "deepspeed.runtime.zero.gone_module:Thing"))
     with pytest.raises(BulwarkInputError, match=r"moved deepspeed\.runtime\.zero\.gone_module\.Thing \("):
-        core.check_deepspeed_internals(_stub_engine(3), 3)
+        compat.check_deepspeed_internals(_stub_engine(3), 3)
 
 
 def test_installed_deepspeed_is_in_the_pinned_range() -> None:
@@ -141,16 +141,16 @@ def test_installed_deepspeed_is_in_the_pinned_range() -> None:
 
     # (tomllib is Python 3.11+; the project supports 3.10)
     pinned = re.findall(r'^\s*"(deepspeed[^"]*)",', (REPO / "pyproject.toml").read_text(), flags=re.M)
-    assert pinned == [f"deepspeed{core.DS_TESTED_RANGE}"], "pyproject.toml and core.DS_TESTED_RANGE disagree"
-    assert deepspeed.__version__ in SpecifierSet(core.DS_TESTED_RANGE)
-    assert core.DS_TESTED_VERSION in SpecifierSet(core.DS_TESTED_RANGE)
+    assert pinned == [f"deepspeed{compat.DS_TESTED_RANGE}"], "pyproject.toml and compat.DS_TESTED_RANGE disagree"
+    assert deepspeed.__version__ in SpecifierSet(compat.DS_TESTED_RANGE)
+    assert compat.DS_TESTED_VERSION in SpecifierSet(compat.DS_TESTED_RANGE)
 
 
 # Built in a child process: a real engine starts a process group, which must not outlive the test.
 _BUILD = """
 import json, sys
 from bulwark.config import TrainConfig
-from bulwark.engine import core
+from bulwark.engine import compat, core
 from bulwark.engine.partitioned import load_partitioned
 from bulwark.errors import BulwarkInputError
 from bulwark.models import load_model
@@ -165,7 +165,7 @@ if engine.zero_stage == 3:
 else:
     del engine.ds.optimizer.single_partition_of_fp32_groups
 try:
-    core.check_deepspeed_internals(engine.ds, engine.zero_stage)
+    compat.check_deepspeed_internals(engine.ds, engine.zero_stage)
 except BulwarkInputError as err:
     out["error"] = str(err)
 print("RESULT " + json.dumps(out))

@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bulwark.engine.core import (
-    MANIFEST,
-    _check_plain,
-    _rng_state,
-    _set_rng_state,
-    load_rank_state,
-    verify_manifest,
-    write_manifest,
-)
+from bulwark.engine.core import _rng_state, _set_rng_state
+from bulwark.engine.manifest import MANIFEST, _check_plain, load_rank_state, verify_manifest, write_manifest
 from bulwark.engine.progress import RunLogger, read_metrics
 from bulwark.errors import BulwarkInputError
 from tests.conftest import bulwark_cli, check

@@ -5,14 +5,11 @@ Defenses see this class only through `bulwark.defenses.base.TrainingView`; recip
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import random
-import re
 import shutil
-from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -22,12 +19,14 @@ import torch
 
 from bulwark.cluster.checks import DS_CONFIG_DIR, check_ds_batch_sizes, read_ds_config, resolve_ds_config  # noqa: F401  (re-exported)
 from bulwark.config import TrainConfig
-from bulwark.engine.dist import (
-    all_gather_objects,
-    all_reduce_sum,
-    barrier,
-    broadcast_object,
-    init_distributed,
+from bulwark.engine.compat import COORDINATOR_KWARGS, check_deepspeed_internals  # noqa: F401  (re-exported)
+from bulwark.engine.dist import all_reduce_sum, barrier, init_distributed
+from bulwark.engine.manifest import (
+    _check_plain,
+    latest_checkpoint,
+    load_rank_state,
+    verify_manifest,
+    write_manifest,
 )
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
@@ -265,26 +264,23 @@ class Engine:
             return (index, lo - first, hi - lo) if hi > lo else None
         return None
 
-    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # ZeRO-3 may step one sub-group at a time: hand over only the shards present in this call.
-        present = [
+    def _present_shards(self, optimizer: torch.optim.Optimizer, with_grad: bool) -> list[tuple[int, torch.Tensor]]:
+        # ZeRO-3 may step one sub-group at a time: only the shards of this call. DeepSpeed empties a
+        # sub-group's param list only after optimizer.step() returns, so a post-step hook still sees them.
+        return [
             (self._shard_index[id(p)], p)
             for group in optimizer.param_groups
             for p in group["params"]
-            if id(p) in self._shard_index and p.grad is not None
+            if id(p) in self._shard_index and (p.grad is not None or not with_grad)
         ]
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        present = self._present_shards(optimizer, with_grad=True)
         for fn in self._pre_step_fns:
             fn(present)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        # DeepSpeed empties a ZeRO-3 sub-group's param list only after optimizer.step() returns, so the
-        # shards of this call are still listed here
-        present = [
-            (self._shard_index[id(p)], p)
-            for group in optimizer.param_groups
-            for p in group["params"]
-            if id(p) in self._shard_index
-        ]
+        present = self._present_shards(optimizer, with_grad=False)
         for fn in self._post_step_fns:
             fn(present)
 
@@ -528,139 +524,6 @@ class Engine:
         return zero.micro_step_id > 0 or bool(zero._epilogue_ran_this_backward)
 
 
-# ---- DeepSpeed compatibility ----------------------------------------------------------------------
-#
-# The engine reads DeepSpeed internals that no release promises to keep (flat shard buffers, the ZeRO-3
-# parameter coordinator's private settings, per-parameter ds_* fields). A DeepSpeed that renamed one would
-# fail mid-run with an AttributeError, or worse, silently: `offload_optimizer` and
-# `zero_hpz_partition_size` are read with a getattr default, so a renamed flag would skip a refusal.
-# `check_deepspeed_internals` looks for all of them once, right after deepspeed.initialize.
-
-# Keep in step with the deepspeed line of pyproject.toml.
-DS_TESTED_RANGE = ">=0.19.8,<0.20"
-DS_TESTED_VERSION = "0.19.8"
-
-# Every non-public DeepSpeed attribute Bulwark reads (this module, engine.partitioned, and the ds_* fields of
-# parameters that models.py, recover and two defenses read too), by the object read from and the ZeRO
-# stages it is read at. `backup_optimizer` is absent on purpose: DeepSpeed only creates it under
-# partial optimizer offload with DeepSpeedCPUAdam, which Bulwark never builds, and it is read with a
-# default. The offload flags exist (False) whether or not offload is configured.
-DS_INTERNALS: dict[str, tuple[tuple[int, ...], tuple[str, ...]]] = {
-    # the DeepSpeedEngine
-    "engine": ((1, 2, 3), ("optimizer", "module", "device")),
-    "engine@zero3": ((3,), ("_zero3_consolidated_16bit_state_dict",)),
-    # engine.optimizer: DeepSpeedZeroOptimizer (ZeRO-1/2) or DeepSpeedZeroOptimizer_Stage3
-    "optimizer": ((1, 2, 3), ("optimizer", "overflow")),
-    "optimizer@zero12": ((1, 2), (
-        "single_partition_of_fp32_groups", "bit16_groups", "bit16_groups_flat", "real_dp_process_group",
-    )),
-    "optimizer@zero3": ((3,), (
-        "fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups", "grad_partitions_flat_buffer",
-        "persistent_parameters", "micro_step_id", "_epilogue_ran_this_backward", "parameter_offload",
-        "offload_optimizer", "offload_param", "zero_hpz_partition_size",
-    )),
-    # engine.optimizer.parameter_offload: DeepSpeedZeRoOffload, whose settings `_coordinator_like` copies
-    "parameter_offload": ((3,), (
-        "param_coordinator", "_prefetch_bucket_sz", "_max_reuse_distance_in_numel",
-        "_max_available_parameters_in_numel", "_DeepSpeedZeRoOffload__allgather_stream",
-        "_DeepSpeedZeRoOffload__inflight_param_registry", "timers", "zero_quantized_weights",
-        "zero_quantized_nontrainable_weights", "fast_sharding_for_leaf_module",
-    )),
-    # a parameter partitioned by zero.Init / ZeRO-3, and its local slice (param.ds_tensor)
-    "param": ((3,), ("ds_id", "ds_tensor", "ds_numel", "ds_status", "ds_process_group", "partition", "all_gather")),
-    "param.ds_tensor": ((3,), ("ds_numel",)),
-}
-# "module:name" that the engine imports lazily, at the point of use
-DS_IMPORTS = (
-    "deepspeed.runtime.zero.partition_parameters:ZeroParamStatus",
-    "deepspeed.runtime.zero.partitioned_param_coordinator:PartitionedParameterCoordinator",
-    "deepspeed:zero",
-)
-
-
-def check_deepspeed_internals(ds_engine: Any, zero_stage: int) -> None:
-    """Raise BulwarkInputError (one line, naming the DeepSpeed version) when an internal the engine reads
-    at `zero_stage` is missing from `ds_engine` (what deepspeed.initialize returned) or its parts."""
-    import importlib
-
-    missing: list[str] = []
-    for target in DS_IMPORTS:
-        module_name, name = target.split(":")
-        try:
-            found = hasattr(importlib.import_module(module_name), name)
-        except ImportError:
-            found = False
-        if not found:
-            missing.append(f"{module_name}.{name}")
-    if missing:
-        _raise_moved(missing)  # the objects below cannot be reached without them
-
-    optimizer = getattr(ds_engine, "optimizer", None)
-    objects: dict[str, Any] = {"engine": ds_engine, "optimizer": optimizer}
-    if zero_stage == 3:
-        objects["parameter_offload"] = getattr(optimizer, "parameter_offload", None)
-        module = getattr(ds_engine, "module", None)
-        param = next(iter(module.parameters()), None) if isinstance(module, torch.nn.Module) else None
-        objects["param"] = param
-        objects["param.ds_tensor"] = getattr(param, "ds_tensor", None)
-    for key, (stages, names) in DS_INTERNALS.items():
-        obj = objects.get(key.split("@")[0])
-        # a None owner is already reported through the attribute that leads to it
-        if zero_stage in stages and obj is not None:
-            missing += [f"{type(obj).__name__}.{name}" for name in names if not hasattr(obj, name)]
-
-    if zero_stage == 3:
-        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-        from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
-
-        if not hasattr(ZeroParamStatus, "AVAILABLE"):
-            missing.append("ZeroParamStatus.AVAILABLE")
-        missing += _missing_kwargs(PartitionedParameterCoordinator, COORDINATOR_KWARGS)
-    backward = getattr(ds_engine, "backward", None)
-    if backward is not None:
-        missing += _missing_kwargs(backward, ("scale_wrt_gas",))  # isolated_backward passes it
-    if missing:
-        _raise_moved(missing)
-
-
-def check_partitioned_param(param: torch.nn.Parameter) -> None:
-    """`check_deepspeed_internals` for one zero.Init parameter (engine.partitioned builds no engine)."""
-    missing = [f"{type(param).__name__}.{n}" for n in DS_INTERNALS["param"][1] if not hasattr(param, n)]
-    local = getattr(param, "ds_tensor", None)
-    if local is not None:
-        missing += [f"ds_tensor.{n}" for n in DS_INTERNALS["param.ds_tensor"][1] if not hasattr(local, n)]
-    if missing:
-        _raise_moved(missing)
-
-
-def _missing_kwargs(fn: Callable[..., Any], names: tuple[str, ...]) -> list[str]:
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return []
-    label = getattr(fn, "__qualname__", getattr(fn, "__name__", "callable"))
-    return [f"{label}({name}=)" for name in names if name not in params]
-
-
-def _raise_moved(missing: list[str]) -> None:
-    import deepspeed
-
-    version = getattr(deepspeed, "__version__", "(unknown version)")
-    raise BulwarkInputError(
-        f"DeepSpeed {version} moved {', '.join(missing)} (Bulwark is tested with deepspeed "
-        f"{DS_TESTED_RANGE}): install deepspeed=={DS_TESTED_VERSION}"
-    )
-
-
-# The keyword arguments `_coordinator_like` passes to PartitionedParameterCoordinator (checked at start).
-COORDINATOR_KWARGS = (
-    "prefetch_bucket_sz", "max_reuse_distance_in_numel", "max_available_parameters_in_numel",
-    "allgather_stream", "inflight_param_registry", "prefetch_nvme", "timers", "zero_quantized_weights",
-    "zero_quantized_nontrainable_weights", "fast_sharding_for_leaf_module", "log_trace_cache_warnings",
-)
-
-
 def _coordinator_like(offload: Any) -> Any:
     """A fresh ZeRO-3 parameter coordinator with the settings of `offload`'s own."""
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
@@ -743,155 +606,6 @@ def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
 
 def _saved_world_size(tag_dir: Path) -> int:
     return len(list(tag_dir.glob("bulwark_rank*.pt")))
-
-
-# ---- tamper evidence: a sha256 manifest per checkpoint, checked before anything in it is unpickled ----
-
-MANIFEST = "MANIFEST.json"
-_TAG = re.compile(r"step_\d+")
-_CHUNK = 8 << 20
-
-
-def latest_checkpoint(root: Path) -> Path:
-    """The step_N folder `root/latest` names; a name that is not a step_N folder of `root` is refused, so
-    that `latest` cannot point a resume outside the run's checkpoints."""
-    latest = root / "latest"
-    if not latest.is_file():
-        raise BulwarkInputError(f"--resume: no finished checkpoint under {root} (no 'latest' file)")
-    tag = latest.read_text().strip()
-    if not _TAG.fullmatch(tag) or not (root / tag).is_dir():
-        raise BulwarkInputError(
-            f"{latest}: names {tag[:80]!r}, not a step_N folder of {root}; write the name of one of its "
-            "step_N folders into it, or start over with --overwrite"
-        )
-    return root / tag
-
-
-def _files(tag_dir: Path) -> tuple[list[str], str | None]:
-    """Every regular file under `tag_dir` but the manifest, as sorted relative POSIX paths; and the
-    first entry that is neither a folder nor a regular file (a link could point anywhere, a FIFO
-    would block the reader), which no checkpoint holds."""
-    names, odd = [], None
-    for path in tag_dir.rglob("*"):
-        rel = path.relative_to(tag_dir).as_posix()
-        if path.is_symlink() or not (path.is_dir() or path.is_file()):
-            odd = rel if odd is None else min(odd, rel)
-        elif path.is_file() and rel != MANIFEST:
-            names.append(rel)
-    return sorted(names), odd
-
-
-def _digest(path: Path) -> tuple[str, int]:
-    sha, size = hashlib.sha256(), 0
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            sha.update(chunk)
-            size += len(chunk)
-    return sha.hexdigest(), size
-
-
-def write_manifest(tag_dir: Path, rank: int = 0, world_size: int = 1) -> None:
-    """Every rank, once every rank has finished writing `tag_dir`: digest a share of its files (a
-    checkpoint holds the whole optimizer state; one reader would make every save wait on all of it);
-    rank 0 writes `tag_dir/MANIFEST.json` atomically. Without a process group rank 0 of 1 does it all."""
-    names = broadcast_object(_files(tag_dir)[0] if rank == 0 else None, 0)
-    mine = {name: _digest(tag_dir / name) for name in names[rank::world_size]}
-    digests: dict[str, tuple[str, int]] = {}
-    for part in all_gather_objects(mine):
-        digests.update(part)  # type: ignore[call-overload]
-    if rank != 0:
-        return
-    files = [{"path": n, "sha256": digests[n][0], "bytes": digests[n][1]} for n in names]
-    tmp = tag_dir / (MANIFEST + ".tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps({"format": 1, "files": files}, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())  # on disk before `latest` names this step: power loss must not leave it empty
-    tmp.replace(tag_dir / MANIFEST)
-
-
-def verify_manifest(tag_dir: Path, rank: int = 0, world_size: int = 1) -> None:
-    """Every rank: a BulwarkInputError, the same one on every rank, unless the files under `tag_dir` are
-    exactly those MANIFEST.json lists, each with its size and sha256. Each rank digests a share."""
-    expected, problem = _expected_files(tag_dir)
-    if problem is None:
-        names = sorted(expected)
-        problem = next(filter(None, (_file_problem(tag_dir, n, expected[n]) for n in names[rank::world_size])), None)
-    # one collective that every rank reaches, problem or not: all ranks stop alike or go on alike
-    problem = next(filter(None, all_gather_objects(problem)), None)
-    if problem:
-        raise BulwarkInputError(
-            f"checkpoint {tag_dir}: {problem}: the checkpoint was changed after it was written; resume from an "
-            f"earlier step_N by writing its name into {tag_dir.parent / 'latest'}, or start over with --overwrite"
-        )
-
-
-def _expected_files(tag_dir: Path) -> tuple[dict[str, tuple[str, int]], str | None]:
-    """MANIFEST.json's entries, or what is wrong with it or with which files are present."""
-    try:
-        data = json.loads((tag_dir / MANIFEST).read_text())
-        expected = {f["path"]: (f["sha256"], f["bytes"]) for f in data["files"]}
-    except FileNotFoundError:
-        return {}, f"{MANIFEST} is missing"
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return {}, f"{MANIFEST} is not a Bulwark manifest ({type(exc).__name__})"
-    if not all(isinstance(n, str) and isinstance(d, str) and isinstance(b, int) for n, (d, b) in expected.items()):
-        return {}, f"{MANIFEST} is not a Bulwark manifest (an entry without sha256 and size)"
-    present, odd = _files(tag_dir)
-    if odd is not None:
-        return {}, f"{odd} is not a regular file"
-    missing = sorted(set(expected) - set(present))
-    if missing:
-        return {}, f"{missing[0]} is listed in {MANIFEST} but missing"
-    extra = sorted(set(present) - set(expected))
-    if extra:
-        return {}, f"{extra[0]} is not listed in {MANIFEST}"
-    return expected, None
-
-
-def _file_problem(tag_dir: Path, name: str, expected: tuple[str, int]) -> str | None:
-    try:
-        sha, size = _digest(tag_dir / name)
-    except OSError as exc:
-        return f"{name} cannot be read ({type(exc).__name__})"
-    if size != expected[1]:
-        return f"{name} has {size} bytes, {MANIFEST} says {expected[1]}"
-    return None if sha == expected[0] else f"{name} differs from its sha256 in {MANIFEST}"
-
-
-def load_rank_state(path: Path) -> dict[str, Any]:
-    """Bulwark's per-rank state (defense state, RNG): tensors and plain Python values only, so it loads
-    with weights_only=True and a crafted file cannot run code even when its manifest was rewritten too."""
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as exc:  # noqa: BLE001  (UnpicklingError, a truncated zip, ...: all the same to the user)
-        first = (str(exc).strip().splitlines() or [""])[0][:160]
-        raise BulwarkInputError(
-            f"{path}: not a Bulwark rank state ({type(exc).__name__}: {first}); resume from an earlier step_N "
-            f"by writing its name into {path.parent.parent / 'latest'}, or start over with --overwrite"
-        ) from None
-    if not isinstance(state, dict) or "rng" not in state:
-        raise BulwarkInputError(f"{path}: not a Bulwark rank state (no 'rng' entry)")
-    return state
-
-
-_SCALARS = (str, int, float, bool, type(None))
-
-
-def _check_plain(value: Any, where: str) -> None:
-    """Refuse what torch.load(weights_only=True) would refuse at resume (a numpy value, an object).
-    Types compare exactly: numpy's float64 is a float subclass that weights_only still refuses."""
-    if type(value) in (dict, OrderedDict):
-        for key, item in value.items():
-            if type(key) not in (str, int):
-                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; use str or int keys")
-            _check_plain(item, f"{where}[{key!r}]")
-    elif type(value) in (list, tuple):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-    elif not (isinstance(value, torch.Tensor) or type(value) in _SCALARS):
-        raise TypeError(f"{where} is a {type(value).__name__}: a checkpoint's rank state holds tensors and plain "
-                        "Python values only (it loads with weights_only=True)")
 
 
 def _rng_state() -> dict[str, Any]:

@@ -26,13 +26,8 @@ from typing import Any
 import torch
 
 from bulwark.config import TrainConfig
-from bulwark.engine.core import (
-    check_partitioned_param,
-    fill_ds_config,
-    gathered,
-    is_partitioned,
-    read_ds_config,
-)
+from bulwark.engine.compat import check_partitioned_param
+from bulwark.engine.core import fill_ds_config, gathered, is_partitioned, read_ds_config
 from bulwark.engine.dist import init_distributed
 from bulwark.errors import BulwarkInputError
 
