@@ -257,7 +257,7 @@ def test_two_ranks_restore_the_same_elements_as_one_process(models_dir: Path, da
     torch.set_num_threads(1)  # as each torchrun rank: same kernels, same rounding
     try:
         cfg = load_recover_config(None, stage_args(models_dir, tmp_path / "one"))
-        summary = run(cfg, check_inputs(cfg, False), overwrite=False)
+        summary = run(cfg, check_inputs(cfg), overwrite=False)
     finally:
         torch.set_num_threads(threads)
     two = json.loads((tmp_path / "two" / "summary.json").read_text())
@@ -414,7 +414,7 @@ def test_lora_adapter_as_b_is_merged_first(models_dir: Path, data_dir: Path, tmp
     (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
     args = [a for a in stage_args(models_dir, tmp_path / "out") if not a.startswith("finetuned=")]
     cfg = load_recover_config(None, [*args, f"finetuned={tmp_path / 'adapter'}", "restore.steps=2"])
-    summary = run(cfg, check_inputs(cfg, False), overwrite=False)
+    summary = run(cfg, check_inputs(cfg), overwrite=False)
     assert summary["changed_elements"] == 2 * summary["k_per_step"]
     merged = TensorStore(tmp_path / "out" / "finetuned_merged", "merged")
     repaired = TensorStore(tmp_path / "out" / "model", "repaired")

@@ -93,7 +93,7 @@ def test_lora_end_to_end(three_models: Path, tmp_path: Path) -> None:
     cfg = load_recover_config(None, [
         "method=safelora", f"base={three_models / 'base'}", f"aligned={three_models / 'aligned'}",
         f"finetuned={three_models / 'adapter'}", f"out_dir={tmp_path / 'out'}", f"safelora.threshold={threshold}"])
-    summary = run(cfg, check_inputs(cfg, False), overwrite=False)
+    summary = run(cfg, check_inputs(cfg), overwrite=False)
     assert summary["input"] == "lora" and summary["layers"] == len(updates)
     assert 0 < summary["projected"] < len(updates)
     repaired = TensorStore(tmp_path / "out" / "model", "out")

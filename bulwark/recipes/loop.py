@@ -72,9 +72,6 @@ def parse_args(argv: list[str] | None, stage: str) -> argparse.Namespace:
 def check_run_dir(out_dir: Path, resume: bool, overwrite: bool) -> None:
     """An existing run is never overwritten by accident; --resume needs a finished checkpoint; --overwrite
     removes only a folder Bulwark made (it holds RUN_MARKER), never a folder of the user's own files."""
-    check_lock(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BulwarkInputError(f"out_dir {out_dir} is a file, not a folder: choose another out_dir")
     if resume:
         if not (out_dir / "checkpoints" / "latest").is_file():
             raise BulwarkInputError(f"--resume: {out_dir} has no finished checkpoint (checkpoints/latest)")
@@ -97,6 +94,9 @@ def failed_before_a_checkpoint(out_dir: Path) -> bool:
 def start_mode(out_dir: Path, resolved_config: str, resume: bool, overwrite: bool, resume_if_present: bool) -> str:
     """"fresh", "overwrite", "resume" or "done" for a run of `resolved_config` (its config.yaml text) in
     `out_dir`; bad combinations are BulwarkInputErrors. Reads the folder only: every rank decides alike."""
+    check_lock(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BulwarkInputError(f"out_dir {out_dir} is a file, not a folder: choose another out_dir")
     if not resume_if_present:
         check_run_dir(out_dir, resume, overwrite)
         if resume:
@@ -105,7 +105,6 @@ def start_mode(out_dir: Path, resolved_config: str, resume: bool, overwrite: boo
         return "overwrite" if out_dir.exists() and any(out_dir.iterdir()) else "fresh"
     if resume or overwrite:
         raise BulwarkInputError("--resume-if-present decides itself: drop --resume / --overwrite")
-    check_lock(out_dir)
     if not out_dir.exists() or not any(out_dir.iterdir()):
         return "fresh"
     saved = out_dir / "config.yaml"
@@ -278,7 +277,7 @@ def run_stage(stage: str, argv: list[str] | None, build_plan: Any) -> None:
     # DeepSpeed calls torch collectives that torch has renamed; the warning repeats every step
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
     signal.signal(signal.SIGTERM, _interrupt)  # torchrun and SLURM stop ranks with SIGTERM
-    run: dict[str, Any] = {"out_dir": None, "training": False, "step": 0, "locked": False}
+    run: dict[str, Any] = {"out_dir": None, "training": False, "step": 0}
     rank0 = os.environ.get("RANK", "0") == "0"
     try:
         train(stage, args, build_plan, run)

@@ -68,14 +68,13 @@ def _model_folder(name: str, key: str) -> Path:
         raise BulwarkInputError(f"{key}: {exc}") from None
 
 
-def check_inputs(cfg: RecoverConfig, overwrite: bool, resume_if_present: bool = False) -> Inputs:
-    """Resolve and check every input; raises BulwarkInputError with one clear line."""
+def check_inputs(cfg: RecoverConfig) -> Inputs:
+    """Resolve and check every input (the models, their compatibility, the data files; the run folder is
+    `start_mode`'s); raises BulwarkInputError with one clear line."""
     from bulwark import models
     from bulwark.data.readers import resolve_data_dir
     from bulwark.recover.checkpoints import check_compatible
 
-    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 may already have made out_dir
-        start_mode(Path(cfg.out_dir), recover_config_text(cfg), False, overwrite, resume_if_present)
     aligned = _model_folder(cfg.aligned, "aligned")
     finetuned_base = None
     base = _model_folder(cfg.base, "base") if cfg.base else None
@@ -127,7 +126,8 @@ def prepare(config: str | None, overrides: list[str], *, resume: bool = False, o
         raise BulwarkInputError("recover keeps no checkpoints: --resume / --stop-after do not apply "
                                 "(--resume-if-present starts an unfinished attempt over)")
     cfg = load_recover_config(config, overrides)
-    check_inputs(cfg, overwrite, resume_if_present)
+    start_mode(Path(cfg.out_dir), recover_config_text(cfg), False, overwrite, resume_if_present)
+    check_inputs(cfg)
     nproc = 1 if cfg.method == "safelora" else cfg.launch.nproc
     return nproc, stage_argv(config, overrides, overwrite=overwrite, resume_if_present=resume_if_present)
 
@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
         if mode == "done":
             print(f"{cfg.out_dir}: this recover run finished already (DONE); nothing to do", file=sys.stderr)
             return
-        inputs = check_inputs(cfg, True)  # the folder was judged just above, by every rank alike
+        inputs = check_inputs(cfg)
         run(cfg, inputs, overwrite=mode == "overwrite")
     except BulwarkInputError as exc:
         from bulwark.errors import report
