@@ -1,16 +1,9 @@
-"""Defenses, one module each, registered by name. Importing this package registers them all."""
+"""Defenses, one module each, registered by name. Importing this package imports every module in it, so
+a new defense is one new file here (its `@register` does the rest): no list to edit."""
 
-from bulwark.defenses import (  # noqa: F401  (registration side effect)
-    booster,
-    lisa,
-    mix,
-    refusal_ul,
-    repnoise,
-    sft,
-    smart,
-    tvaccine,
-    vaccine,
-)
+import importlib
+import pkgutil
+
 from bulwark.defenses.base import (
     REGISTRY,
     Defense,
@@ -21,6 +14,10 @@ from bulwark.defenses.base import (
     register,
     resolve_defense_spec,
 )
+
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    if not _module.startswith("_") and _module != "base":
+        importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = ["REGISTRY", "Defense", "MemoryCost", "build_defense", "defense_config", "describe", "register",
            "resolve_defense_spec"]
