@@ -67,20 +67,21 @@ def recover(
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. aligned=runs/align/model"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing run folder"),
 ) -> None:
-    """Repair a fine-tuned model toward its aligned one (method=restore: gradient-ranked restore with rollback; safelora)."""
+    """Repair a fine-tuned model toward its aligned one (method=restore by default; `bulwark defenses` lists all)."""
     _run_stage("recover", config, overrides, False, overwrite, 0)
 
 
 @app.command()
 def defenses() -> None:
-    """List the registered defenses: name, stage, parameters with defaults."""
+    """List the registered defenses (align / finetune: defense.name=...; recover: method=...) with defaults."""
     from rich.console import Console
     from rich.table import Table
 
     from bulwark.defenses import describe
+    from bulwark.recover.base import describe_methods
 
     table = Table("name", "stages", "parameters (defaults)", "what it does")
-    for row in describe():
+    for row in [*describe(), *describe_methods()]:
         params = ", ".join(f"{k}={v}" for k, v in row["params"].items()) or "-"
         table.add_row(row["name"], "/".join(row["stages"]), params, row["summary"])
     Console().print(table)

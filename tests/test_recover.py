@@ -14,9 +14,9 @@ import torch
 from bulwark.errors import BulwarkInputError
 from bulwark.models import load_model, save_tiny_llama
 from bulwark.recover.checkpoints import TensorStore, check_compatible
-from bulwark.recover.config import RestoreConfig, load_recover_config
+from bulwark.recover.config import load_recover_config
 from bulwark.recover.hidden import make_batches
-from bulwark.recover.method import Restorer, chosen_weights
+from bulwark.recover.restore import RestoreConfig, Restorer, chosen_weights
 from tests.conftest import bulwark_cli, check, save_recover_pair, torchrun
 
 # ---- fixtures: A (tiny seed 0), B = A + noise, and models that do not fit A -------------------------------

@@ -117,7 +117,7 @@ def test_lora_end_to_end(three_models: Path, tmp_path: Path) -> None:
 
 
 def test_full_finetune_end_to_end(three_models: Path, tmp_path: Path) -> None:
-    from bulwark.recover.config import SafeLoraConfig
+    from bulwark.recover.safelora import SafeLoraConfig
 
     base, aligned = TensorStore(three_models / "base", "b"), TensorStore(three_models / "aligned", "a")
     finetuned = TensorStore(three_models / "full", "f")

@@ -3,8 +3,9 @@
     bulwark recover [CONFIG] [key=value ...] [--overwrite]          starts launch.nproc ranks (bulwark/launch.py)
     torchrun --nproc_per_node N -m bulwark.recipes.recover [CONFIG] [key=value ...] [--resume-if-present]
 
-`method=restore` (default): gradient-ranked restore with rollback (bulwark/recover/method.py).
-`method=safelora`: SafeLoRA-style projection (bulwark/recover/safelora.py), one process.
+`method=` names a registered method (bulwark/recover/base.py; `bulwark defenses` lists them at stage recover):
+restore (default, bulwark/recover/restore.py), safelora (bulwark/recover/safelora.py), ... This file owns
+what every method shares: the checks before any rank, the ranks, the run folder, log.jsonl, summary.json, DONE.
 
 Everything that can be checked without loading a model (config, model folders, A/B compatibility, data
 files, prompts) is checked before any rank starts (`prepare`): bad input costs one `error:` line and exit
@@ -14,9 +15,8 @@ same config over and leaves a finished one alone (bulwark/recipes/loop.py: start
 The run folder (out_dir):
   config.yaml     the resolved config
   model/          the repaired model, an HF folder (written to model.tmp, then renamed)
-  adapter/        safelora with a LoRA input: the projected adapter
-  log.jsonl       restore: one row per step (restored / rolled-back counts per weight) and per checkpoint
-                  (task score, floor, HS when eval.n > 0); safelora: one row per layer (cos, projected)
+  adapter/        a method that edits a LoRA input as an adapter (safelora): the edited adapter
+  log.jsonl       the method's rows (restore: per step and per checkpoint; safelora: per layer)
   summary.json    the outcome and wall time
   DONE            written last, as the other stages do (bench skips finished runs by it)
 """
@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,22 +36,13 @@ import torch
 
 from bulwark.errors import BulwarkInputError
 from bulwark.recipes.loop import RUN_MARKER, parse_args, start_mode
+from bulwark.recover.base import Inputs, RecoverRun, get
 from bulwark.recover.config import (
     RecoverConfig,
     load_recover_config,
     recover_config_text,
     write_recover_config,
 )
-
-
-@dataclass
-class Inputs:
-    aligned: Path  # A, an HF folder
-    finetuned: Path  # B: an HF folder, or a LoRA adapter folder
-    finetuned_base: Path | None  # the adapter's base when B is an adapter
-    base: Path | None  # safelora: the unaligned base
-    data_dir: Path | None
-
 
 # ---- checks before any rank starts ---------------------------------------------------------------------
 
@@ -75,43 +65,24 @@ def check_inputs(cfg: RecoverConfig) -> Inputs:
     from bulwark.data.readers import resolve_data_dir
     from bulwark.recover.checkpoints import check_compatible
 
+    method = get(cfg.method)
     aligned = _model_folder(cfg.aligned, "aligned")
     finetuned_base = None
-    base = _model_folder(cfg.base, "base") if cfg.base else None
+    base = _model_folder(cfg.base, "base") if cfg.base and method.needs_base else None
     if models.is_adapter_dir(cfg.finetuned):
         finetuned = Path(cfg.finetuned).expanduser()
-        if cfg.method == "restore":  # merged onto its base; safelora adds it to the aligned model instead
+        if not method.reads_adapter:  # merged onto its base first (RecoverRun.finetuned_folder)
             finetuned_base = _model_folder(models.base_of(cfg.finetuned), f"finetuned (the base of {finetuned})")
     else:
         finetuned = _model_folder(cfg.finetuned, "finetuned")
     if finetuned_base is not None or not models.is_adapter_dir(finetuned):
         check_compatible(aligned, finetuned_base or finetuned)
-    if base is not None and cfg.method == "safelora":
+    if base is not None:
         check_compatible(base, aligned)
-    data_dir = resolve_data_dir(cfg.data.dir)
-    if cfg.method == "restore":
-        _check_restore_data(cfg, data_dir)
-        from bulwark.recover.config import use_zero3
-
-        if use_zero3(cfg, int(os.environ.get("WORLD_SIZE", cfg.launch.nproc))):
-            from bulwark.engine.partitioned import zero3_config
-
-            zero3_config(cfg.launch.ds_config, cfg.dtype, 1)  # a missing or non-ZeRO-3 JSON: one line here
-    return Inputs(aligned, finetuned, finetuned_base, base, data_dir)
-
-
-def _check_restore_data(cfg: RecoverConfig, data_dir: Path | None) -> None:
-    from bulwark.recover.task import load_rows, metric_kind
-
-    load_rows(cfg.data.harmful, cfg.data.harmful_n, data_dir, "data.harmful", cfg.data.harmful_format)
-    load_rows(cfg.data.task, cfg.data.task_n, data_dir, "data.task", cfg.data.task_format)
-    metric_kind(cfg)
-    load_rows(cfg.task.eval_set, cfg.task.n, data_dir, "task.eval_set")
-    if cfg.eval.n > 0:
-        from bulwark.eval.judges import check_judge_name
-
-        check_judge_name(cfg.eval.judge)
-        load_rows(cfg.eval.prompts, cfg.eval.n, data_dir, "eval.prompts", fmt="prompt_only")
+    inputs = Inputs(aligned, finetuned, finetuned_base, base, resolve_data_dir(cfg.data.dir))
+    if method.check is not None:
+        method.check(cfg, inputs)
+    return inputs
 
 
 # ---- the launcher's checks ------------------------------------------------------------------------------
@@ -128,7 +99,7 @@ def prepare(config: str | None, overrides: list[str], *, resume: bool = False, o
     cfg = load_recover_config(config, overrides)
     start_mode(Path(cfg.out_dir), recover_config_text(cfg), False, overwrite, resume_if_present)
     check_inputs(cfg)
-    nproc = 1 if cfg.method == "safelora" else cfg.launch.nproc
+    nproc = 1 if get(cfg.method).one_process else cfg.launch.nproc
     return nproc, stage_argv(config, overrides, overwrite=overwrite, resume_if_present=resume_if_present)
 
 
@@ -136,7 +107,7 @@ def _init_ranks(cfg: RecoverConfig) -> tuple[int, int]:
     from bulwark.recover.config import use_zero3
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.method == "restore" and use_zero3(cfg, world):
+    if not get(cfg.method).one_process and use_zero3(cfg, world):
         from bulwark.engine import init_distributed
 
         rank, world, _ = init_distributed()  # through DeepSpeed: zero.Init reads its process group
@@ -193,11 +164,13 @@ def run(cfg: RecoverConfig, inputs: Inputs, overwrite: bool, metric: Any = None)
         write_recover_config(cfg, out / "config.yaml")
     barrier()
     log = JsonlLog(out / "log.jsonl", rank)
+    method = get(cfg.method)
+    from bulwark.recover.config import use_zero3
+
+    context = RecoverRun(cfg, inputs, out, log, rank, world, metric,
+                         zero3=not method.one_process and use_zero3(cfg, world))
     try:
-        if cfg.method == "safelora":
-            summary = _safelora(cfg, inputs, out, log) if rank == 0 else None
-        else:
-            summary = _restore(cfg, inputs, out, log, rank, world, metric)
+        summary = method.run(context) if rank == 0 or not method.one_process else None
     finally:
         log.close()
     if rank == 0 and summary is not None:
@@ -210,123 +183,6 @@ def run(cfg: RecoverConfig, inputs: Inputs, overwrite: bool, metric: Any = None)
         print(f"[recover] done in {summary['seconds']} s -> {out / 'model'}", file=sys.stderr, flush=True)
     barrier()
     return summary
-
-
-def _safelora(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog) -> dict[str, Any]:
-    from bulwark.recover.safelora import run_safelora
-
-    assert inputs.base is not None
-    decisions = run_safelora(inputs.base, inputs.aligned, inputs.finetuned, out, cfg.safelora.threshold,
-                             cfg.safelora.target_modules)
-    for d in decisions:
-        log({"event": "layer", **asdict(d)})
-    return {"method": "safelora", "threshold": cfg.safelora.threshold, "layers": len(decisions),
-            "projected": sum(d.projected for d in decisions),
-            "input": "lora" if (inputs.finetuned / "adapter_config.json").is_file() else "full"}
-
-
-def _merged_finetuned(cfg: RecoverConfig, inputs: Inputs, out: Path, rank: int) -> Path:
-    """B as a full HF folder: a LoRA adapter is merged onto its base once, by rank 0."""
-    from bulwark.engine import barrier
-
-    if inputs.finetuned_base is None:
-        return inputs.finetuned
-    target = out / "finetuned_merged"
-    if rank == 0:
-        from peft import PeftModel
-
-        from bulwark.models import load_model, load_tokenizer
-
-        model = PeftModel.from_pretrained(load_model(str(inputs.finetuned_base), cfg.dtype), str(inputs.finetuned))
-        merged = model.merge_and_unload()
-        has_tokenizer = (inputs.finetuned / "tokenizer_config.json").is_file()
-        tokenizer = load_tokenizer(str(inputs.finetuned if has_tokenizer else inputs.finetuned_base))
-        tmp = out / "finetuned_merged.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(target)
-    barrier()
-    return target
-
-
-def _restore(cfg: RecoverConfig, inputs: Inputs, out: Path, log: JsonlLog, rank: int, world: int,
-             metric: Any) -> dict[str, Any] | None:
-    from bulwark.engine.dist import device
-    from bulwark.engine.partitioned import gathered_per_module, load_partitioned
-    from bulwark.models import load_model, load_tokenizer
-    from bulwark.recover.checkpoints import TensorStore, write_model
-    from bulwark.recover.config import use_zero3
-    from bulwark.recover.hidden import LayerwiseModel, count_rows, decoder_layers, local_batches
-    from bulwark.recover.method import Restorer, chosen_weights
-    from bulwark.recover.task import harm_metric, load_rows, prompt_batches, task_metric
-
-    zero3 = use_zero3(cfg, world)
-
-    def load(folder: Path) -> torch.nn.Module:
-        # ZeRO-3: each rank holds its slice of every weight, already on its device (zero.Init places the
-        # slices on the accelerator); else a whole replica per rank, moved to this rank's GPU when there is one
-        if zero3:
-            return load_partitioned(folder, cfg.dtype, cfg.launch.ds_config).eval()
-        return load_model(str(folder), cfg.dtype).to(device()).eval()
-
-    def per_module(score: Any) -> Any:
-        # a whole-model forward or generate on a partitioned model gathers one module at a time
-        if score is None:
-            return None
-
-        def gathered_score(model: torch.nn.Module) -> float:
-            with gathered_per_module(model, decoder_layers(model)[1]):
-                return score(model)
-
-        return gathered_score
-
-    finetuned = _merged_finetuned(cfg, inputs, out, rank)
-    tokenizer = load_tokenizer(str(finetuned))
-    harmful = prompt_batches(load_rows(cfg.data.harmful, cfg.data.harmful_n, inputs.data_dir, "data.harmful",
-                                       cfg.data.harmful_format),
-                             tokenizer, cfg)
-    task = prompt_batches(load_rows(cfg.data.task, cfg.data.task_n, inputs.data_dir, "data.task",
-                                    cfg.data.task_format), tokenizer, cfg)
-    description = "given by the caller"
-    if metric is None:
-        metric, description = task_metric(cfg, tokenizer, inputs.data_dir)
-    harm_score = harm_metric(cfg, tokenizer, inputs.data_dir)
-
-    # d_harm: A's mean last-token hidden state after layer L on the recovery prompts
-    model_a = load(inputs.aligned)
-    layer, lowest, _ = chosen_weights(model_a, cfg.restore)
-    runner = LayerwiseModel(model_a, layer, lowest)
-    _, d_harm = runner.mean_last_hidden(local_batches(harmful, rank, world), count_rows(harmful))
-    del model_a, runner
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # A's memory goes back before B is loaded beside it
-
-    model = load(finetuned)
-    restorer = Restorer(model, TensorStore(inputs.aligned, "aligned model"), TensorStore(finetuned, "fine-tuned model"),
-                        cfg.restore, log)
-    d_benign = restorer.direction(task)  # the same for B on the task prompts
-    result = restorer.run(harmful, task, d_harm, d_benign, per_module(metric), per_module(harm_score))
-
-    store_a = TensorStore(inputs.aligned, "aligned model")
-    if rank == 0:
-        def repaired(name: str, weight: torch.Tensor) -> torch.Tensor:
-            idx = result.restored.get(name)
-            if idx is None or idx.numel() == 0:
-                return weight
-            flat = weight.clone().flatten()
-            flat[idx] = store_a.get(name).flatten()[idx].to(weight.dtype)
-            return flat.view_as(weight)
-
-        write_model(finetuned, out / "model", repaired)
-    changed = sum(int(i.numel()) for i in result.restored.values())
-    return {"method": "restore", "aligned": str(inputs.aligned), "finetuned": str(inputs.finetuned),
-            "task_metric": description, "task_score_B": result.score_b, "floor": result.floor,
-            "rolled_back": result.rolled_back, "kept_step": result.kept_step, "changed_elements": changed,
-            "weights_in_layers": restorer.total, "k_per_step": restorer.k, "layer": restorer.layer,
-            "layers": [restorer.lowest, restorer.lowest + len(restorer.by_layer)],
-            "zero3": zero3,
-            "checkpoints": result.checkpoints} if rank == 0 else None
 
 
 # ---- entry point ----------------------------------------------------------------------------------------

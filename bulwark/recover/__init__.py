@@ -10,6 +10,6 @@
 """
 
 from bulwark.recover.config import RecoverConfig, load_recover_config
-from bulwark.recover.method import Restorer, RestoreResult, TaskMetric
+from bulwark.recover.restore import Restorer, RestoreResult, TaskMetric
 
 __all__ = ["RecoverConfig", "RestoreResult", "Restorer", "TaskMetric", "load_recover_config"]

@@ -18,10 +18,9 @@ from typing import Any
 
 import yaml
 
-from bulwark.config import DEFAULT_LORA_TARGETS, build_dataclass, deep_merge, parse_overrides, read_yaml
+from bulwark.config import build_dataclass, deep_merge, parse_overrides, read_yaml
 from bulwark.errors import BulwarkInputError
 
-METHODS = ("restore", "safelora")
 TASK_METRICS = ("auto", "accuracy", "loss")
 
 
@@ -36,22 +35,6 @@ class RecoverData:
     task: str = "sst2_train"  # task prompts for the benign direction and the rollback loss
     task_n: int = 64
     task_format: str | None = None
-
-
-@dataclass
-class RestoreConfig:
-    layer: int = 0  # L: hidden state after decoder layer L (1-based); 0 = round(2/3 * depth)
-    layers_from: int = 0  # restore weights of decoder layers [layers_from, layers_to)
-    layers_to: int = 0  # 0 = L (layers above L get no gradient from a loss at layer L)
-    fraction: float = 0.002  # elements restored per step, as a fraction of the weights in those layers
-    steps: int = 20
-    warmup_steps: int = 5  # steps before the first task check
-    checkpoint_every: int = 5  # task check (and HS when eval is on) every N steps
-    max_drop: float = 0.05  # floor = (1 - max_drop) * B's task score
-    rollback: bool = True  # restart with rollback when the warm-up result falls below the floor
-    rollback_fraction: float = 0.2  # share of the just-restored elements rolled back per step
-    micro_batch_size: int = 8  # prompts per forward pass (fixed composition: results do not depend on ranks)
-    skip_norms: bool = True  # norm weights are never restored (as in the reference)
 
 
 @dataclass
@@ -72,12 +55,6 @@ class HarmEvalConfig:
 
 
 @dataclass
-class SafeLoraConfig:
-    threshold: float = 0.35  # project layers whose cos(C dW, dW) is below this
-    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # full FT only
-
-
-@dataclass
 class RecoverLaunch:
     nproc: int = 1  # ranks when bulwark starts torchrun itself
     master_port: int = 0  # 0 = pick a free port
@@ -89,18 +66,23 @@ class RecoverLaunch:
 @dataclass
 class RecoverConfig:
     out_dir: str = "runs/recover"
-    method: str = "restore"
+    method: str = "restore"  # a registered method (bulwark/recover/base.py); its settings: the section of that name
     aligned: str = ""  # A: HF folder, .gguf, "embedded"
     finetuned: str = ""  # B: HF folder, or a LoRA adapter folder (merged onto its base first)
-    base: str = ""  # safelora only: the unaligned model A was aligned from
+    base: str = ""  # methods that read it (safelora, ...): the unaligned model A was aligned from
     dtype: str = "fp32"
     seed: int = 42
     data: RecoverData = field(default_factory=RecoverData)
-    restore: RestoreConfig = field(default_factory=RestoreConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     eval: HarmEvalConfig = field(default_factory=HarmEvalConfig)
-    safelora: SafeLoraConfig = field(default_factory=SafeLoraConfig)
     launch: RecoverLaunch = field(default_factory=RecoverLaunch)
+    # every registered method's section by name ("restore": RestoreConfig, ...), typed at load; a YAML file
+    # writes each as a top-level section (`restore: {fraction: 0.002}`), as config.yaml records it
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def method_settings(self) -> Any:
+        return self.settings[self.method]
 
 
 def load_recover_config(path: str | Path | None, overrides: list[str] | None = None) -> RecoverConfig:
@@ -108,7 +90,15 @@ def load_recover_config(path: str | Path | None, overrides: list[str] | None = N
     values: dict[str, Any] = read_yaml(path) if path is not None else {}
     values = deep_merge(values, parse_overrides(overrides or []))
     values.pop("stage", None)  # a resolved config written by a run carries it
+    from bulwark.recover.base import methods
+
+    known = methods()
+    sections = {name: values.pop(name, None) or {} for name in known}
+    if "settings" in values:
+        raise BulwarkInputError("unknown config key 'settings': write a method's settings as its own section "
+                                f"({', '.join(sorted(known))})")
     cfg = build_dataclass(RecoverConfig, values, "")
+    cfg.settings = {name: build_dataclass(m.Config, sections[name], name) for name, m in sorted(known.items())}
     validate(cfg)
     from bulwark.config import check_numbers
 
@@ -117,31 +107,23 @@ def load_recover_config(path: str | Path | None, overrides: list[str] | None = N
 
 
 def validate(cfg: RecoverConfig) -> None:
-    r, t = cfg.restore, cfg.task
+    from bulwark.recover.base import get
+
+    method = get(cfg.method)
+    t = cfg.task
     checks = [
-        (cfg.method in METHODS, f"method = {cfg.method!r}: choose one of {', '.join(METHODS)}"),
         (bool(cfg.aligned), "aligned: give the aligned model A (an HF folder, e.g. runs/align/model)"),
         (bool(cfg.finetuned), "finetuned: give the fine-tuned model B (an HF folder or a LoRA adapter folder)"),
-        (cfg.method != "safelora" or bool(cfg.base), "base: safelora needs the unaligned base model A came from"),
+        (not method.needs_base or bool(cfg.base), f"base: {cfg.method} needs the unaligned base model A came from"),
         (cfg.dtype in ("fp32", "bf16"), "dtype must be fp32 or bf16"),
         (cfg.data.template in ("chat", "alpaca"), "data.template must be chat or alpaca"),
         (cfg.data.max_length >= 8, f"data.max_length = {cfg.data.max_length} is too small (>= 8)"),
         (cfg.data.harmful_n >= 1, f"data.harmful_n = {cfg.data.harmful_n} must be at least 1"),
         (cfg.data.task_n >= 1, f"data.task_n = {cfg.data.task_n} must be at least 1"),
-        (r.layer >= 0, f"restore.layer = {r.layer} must be >= 0 (0 = two thirds of the depth)"),
-        (r.layers_from >= 0 and r.layers_to >= 0, "restore.layers_from / layers_to must be >= 0"),
-        (0.0 < r.fraction <= 1.0, f"restore.fraction = {r.fraction} must be in (0, 1]"),
-        (r.steps >= 1, f"restore.steps = {r.steps} must be at least 1"),
-        (1 <= r.warmup_steps <= r.steps, f"restore.warmup_steps = {r.warmup_steps} must be in [1, steps]"),
-        (r.checkpoint_every >= 1, f"restore.checkpoint_every = {r.checkpoint_every} must be at least 1"),
-        (0.0 <= r.max_drop < 1.0, f"restore.max_drop = {r.max_drop} must be in [0, 1)"),
-        (0.0 < r.rollback_fraction <= 1.0, f"restore.rollback_fraction = {r.rollback_fraction} must be in (0, 1]"),
-        (r.micro_batch_size >= 1, "restore.micro_batch_size must be at least 1"),
         (t.metric in TASK_METRICS, f"task.metric = {t.metric!r}: choose one of {', '.join(TASK_METRICS)}"),
         (t.n >= 1 and t.max_new_tokens >= 1 and t.batch_size >= 1, "task.n, max_new_tokens, batch_size must be >= 1"),
         (cfg.eval.n >= 0, f"eval.n = {cfg.eval.n} must be >= 0 (0 = no HS figures)"),
         (cfg.eval.max_new_tokens >= 1, "eval.max_new_tokens must be at least 1"),
-        (0.0 <= cfg.safelora.threshold <= 1.0, f"safelora.threshold = {cfg.safelora.threshold} must be in [0, 1]"),
         (cfg.launch.nproc >= 1, f"launch.nproc = {cfg.launch.nproc} must be at least 1"),
         (str(cfg.launch.zero3).lower() in ("auto", "true", "false"),
          f"launch.zero3 = {cfg.launch.zero3!r}: choose auto, true or false"),
@@ -149,6 +131,9 @@ def validate(cfg: RecoverConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise BulwarkInputError(message)
+    for section in cfg.settings.values():
+        if hasattr(section, "check"):
+            section.check()
 
 
 def use_zero3(cfg: RecoverConfig, world_size: int) -> bool:
@@ -159,7 +144,9 @@ def use_zero3(cfg: RecoverConfig, world_size: int) -> bool:
 
 def recover_config_text(cfg: RecoverConfig) -> str:
     """The resolved config as the run folder's config.yaml holds it."""
-    return yaml.safe_dump({**asdict(cfg), "stage": "recover"}, sort_keys=False)
+    values = asdict(cfg)
+    sections = values.pop("settings")
+    return yaml.safe_dump({**values, **sections, "stage": "recover"}, sort_keys=False)
 
 
 def write_recover_config(cfg: RecoverConfig, path: Path) -> None:

@@ -30,15 +30,29 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from bulwark.config import DEFAULT_LORA_TARGETS
 from bulwark.errors import BulwarkInputError
+from bulwark.recover.base import Method, RecoverRun, register
 from bulwark.recover.checkpoints import TensorStore, write_model
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class SafeLoraConfig:
+    threshold: float = 0.35  # project layers whose cos(C dW, dW) is below this
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))  # full FT only
+
+    def check(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise BulwarkInputError(f"safelora.threshold = {self.threshold} must be in [0, 1]")
+
 
 
 def projection_matrix(v: torch.Tensor) -> torch.Tensor:
@@ -174,3 +188,27 @@ def _write_adapter(source: Path, target: Path, tensors: dict[str, torch.Tensor])
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
+
+
+def run_method(run: RecoverRun) -> dict[str, Any]:
+    """`bulwark recover method=safelora`: one process (a matrix product per layer)."""
+    assert run.inputs.base is not None
+    settings = run.settings
+    decisions = run_safelora(run.inputs.base, run.inputs.aligned, run.inputs.finetuned, run.out,
+                             settings.threshold, settings.target_modules)
+    for d in decisions:
+        run.log({"event": "layer", **asdict(d)})
+    return {"method": "safelora", "threshold": settings.threshold, "layers": len(decisions),
+            "projected": sum(d.projected for d in decisions),
+            "input": "lora" if (run.inputs.finetuned / "adapter_config.json").is_file() else "full"}
+
+
+register(Method(
+    name="safelora",
+    Config=SafeLoraConfig,
+    run=run_method,
+    summary="project each fine-tuning update that strays from the alignment subspace back onto it (Safe LoRA)",
+    needs_base=True,
+    one_process=True,
+    reads_adapter=True,
+))

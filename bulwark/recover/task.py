@@ -24,17 +24,12 @@ from bulwark.data.formats import guess_format
 from bulwark.data.readers import find_file
 from bulwark.engine import all_gather_objects, all_reduce_sum, broadcast_object
 from bulwark.errors import BulwarkInputError
+from bulwark.recover.base import TaskMetric
+from bulwark.recover.base import world as _world
 from bulwark.recover.config import RecoverConfig
 from bulwark.recover.hidden import Batch, make_batches, prompt_ids, weights_device
-from bulwark.recover.method import TaskMetric
 
 ACCURACY_TASKS = ("sst2", "agnews", "gsm8k")
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def load_rows(source: str, n: int, data_dir: str | Path | None, what: str, fmt: str | None = None) -> list[Example]:
@@ -55,12 +50,43 @@ def render(rows: list[Example], tokenizer: Any, template: str) -> list[str]:
     return [render_prompt(Example(r.prompt, "", input=r.input), template, tokenizer) for r in rows]
 
 
-def prompt_batches(rows: list[Example], tokenizer: Any, cfg: RecoverConfig) -> list[Batch]:
+def prompt_batches(rows: list[Example], tokenizer: Any, cfg: RecoverConfig, micro_batch_size: int) -> list[Batch]:
     """Micro-batches of the rendered prompts, shortest first: prompts of similar length share a batch, so
     little compute goes to padding (only means over all prompts are used, so their order does not matter)."""
     ids = [prompt_ids(tokenizer, text, cfg.data.max_length) for text in render(rows, tokenizer, cfg.data.template)]
     ids.sort(key=len)
-    return make_batches(ids, tokenizer.pad_token_id, cfg.restore.micro_batch_size)
+    return make_batches(ids, tokenizer.pad_token_id, micro_batch_size)
+
+
+def _prompt_rows(cfg: RecoverConfig, which: str, data_dir: str | Path | None) -> list[Example]:
+    data = cfg.data
+    if which == "harmful":
+        return load_rows(data.harmful, data.harmful_n, data_dir, "data.harmful", data.harmful_format)
+    if which == "task":
+        return load_rows(data.task, data.task_n, data_dir, "data.task", data.task_format)
+    raise ValueError(f"prompt set {which!r}: harmful or task")
+
+
+def prompt_set(cfg: RecoverConfig, which: str, tokenizer: Any, micro_batch_size: int,
+               data_dir: str | Path | None) -> list[Batch]:
+    """The config's `data.harmful` (recovery / calibration prompts) or `data.task` prompts, batched."""
+    return prompt_batches(_prompt_rows(cfg, which, data_dir), tokenizer, cfg, micro_batch_size)
+
+
+def check_prompt_sets(cfg: RecoverConfig, data_dir: str | Path | None, *, harmful: bool = False,
+                      task: bool = False) -> None:
+    """Before any rank starts: the prompt sets a method reads, the task eval set and the HS prompts exist
+    and hold rows (each a one-line error naming its key)."""
+    if harmful:
+        _prompt_rows(cfg, "harmful", data_dir)
+    if task:
+        _prompt_rows(cfg, "task", data_dir)
+    load_rows(cfg.task.eval_set, cfg.task.n, data_dir, "task.eval_set")
+    if cfg.eval.n > 0:
+        from bulwark.eval.judges import check_judge_name
+
+        check_judge_name(cfg.eval.judge)
+        load_rows(cfg.eval.prompts, cfg.eval.n, data_dir, "eval.prompts", fmt="prompt_only")
 
 
 def generate_my_share(model: torch.nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int,

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,12 +45,43 @@ import torch
 from bulwark.engine import all_gather_cat, all_reduce_sum, broadcast_object, reduce_sum_to
 from bulwark.engine.partitioned import full_numel, set_elements
 from bulwark.errors import BulwarkInputError
+from bulwark.recover.base import LogFn, Method, TaskMetric, register, world
 from bulwark.recover.checkpoints import TensorStore
-from bulwark.recover.config import RestoreConfig
 from bulwark.recover.hidden import Batch, LayerwiseModel, count_rows, local_batches, weights_device
 
-TaskMetric = Callable[[torch.nn.Module], float]  # higher is better; called on every rank, same answer on all
-LogFn = Callable[[dict[str, Any]], None]
+
+@dataclass
+class RestoreConfig:
+    layer: int = 0  # L: hidden state after decoder layer L (1-based); 0 = round(2/3 * depth)
+    layers_from: int = 0  # restore weights of decoder layers [layers_from, layers_to)
+    layers_to: int = 0  # 0 = L (layers above L get no gradient from a loss at layer L)
+    fraction: float = 0.002  # elements restored per step, as a fraction of the weights in those layers
+    steps: int = 20
+    warmup_steps: int = 5  # steps before the first task check
+    checkpoint_every: int = 5  # task check (and HS when eval is on) every N steps
+    max_drop: float = 0.05  # floor = (1 - max_drop) * B's task score
+    rollback: bool = True  # restart with rollback when the warm-up result falls below the floor
+    rollback_fraction: float = 0.2  # share of the just-restored elements rolled back per step
+    micro_batch_size: int = 8  # prompts per forward pass (fixed composition: results do not depend on ranks)
+    skip_norms: bool = True  # norm weights are never restored (as in the reference)
+
+    def check(self) -> None:
+        checks = [
+            (self.layer >= 0, f"restore.layer = {self.layer} must be >= 0 (0 = two thirds of the depth)"),
+            (self.layers_from >= 0 and self.layers_to >= 0, "restore.layers_from / layers_to must be >= 0"),
+            (0.0 < self.fraction <= 1.0, f"restore.fraction = {self.fraction} must be in (0, 1]"),
+            (self.steps >= 1, f"restore.steps = {self.steps} must be at least 1"),
+            (1 <= self.warmup_steps <= self.steps, f"restore.warmup_steps = {self.warmup_steps} must be in [1, steps]"),
+            (self.checkpoint_every >= 1, f"restore.checkpoint_every = {self.checkpoint_every} must be at least 1"),
+            (0.0 <= self.max_drop < 1.0, f"restore.max_drop = {self.max_drop} must be in [0, 1)"),
+            (0.0 < self.rollback_fraction <= 1.0,
+             f"restore.rollback_fraction = {self.rollback_fraction} must be in (0, 1]"),
+            (self.micro_batch_size >= 1, "restore.micro_batch_size must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BulwarkInputError(message)
+
 
 
 def default_layer(depth: int) -> int:
@@ -94,12 +124,6 @@ def cosine_seed(mean: torch.Tensor, direction: torch.Tensor, rows: int) -> tuple
 
 
 # ---- distributed helpers -------------------------------------------------------------------------------
-
-
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def _for_pickle(edits: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +169,7 @@ class Restorer:
     ) -> None:
         self.model, self.cfg = model, cfg
         self.log = log or (lambda row: None)
-        self.rank, self.world = _world()
+        self.rank, self.world = world()
         self.layer, self.lowest, chosen = chosen_weights(model, cfg)
         self.runner = LayerwiseModel(model, self.layer, self.lowest)
         self.device = weights_device(model)
@@ -397,3 +421,83 @@ class Restorer:
             kept = {name: torch.zeros_like(own.restored) for name, own in self.owned.items()}
         result.restored = self.gather_masks(kept)
         return result
+
+
+# ---- the method as `bulwark recover` runs it -------------------------------------------------------------
+
+
+def check_restore_inputs(cfg: Any, inputs: Any) -> None:
+    """The prompt sets and the ZeRO-3 JSON, before any rank starts."""
+    import os
+
+    from bulwark.recover.config import use_zero3
+    from bulwark.recover.task import check_prompt_sets, metric_kind
+
+    check_prompt_sets(cfg, inputs.data_dir, harmful=True, task=True)
+    metric_kind(cfg)
+    if use_zero3(cfg, int(os.environ.get("WORLD_SIZE", cfg.launch.nproc))):
+        from bulwark.engine.partitioned import zero3_config
+
+        zero3_config(cfg.launch.ds_config, cfg.dtype, 1)  # a missing or non-ZeRO-3 JSON: one line here
+
+
+def run_restore(run: Any) -> dict[str, Any] | None:
+    """Every rank: A's direction, B loaded (partitioned or replicated), the restore, rank 0 writes the model."""
+    from bulwark.models import load_tokenizer
+    from bulwark.recover.checkpoints import write_model
+    from bulwark.recover.task import harm_metric, prompt_set, task_metric
+
+    cfg, settings = run.cfg, run.settings
+    finetuned = run.finetuned_folder()
+    tokenizer = load_tokenizer(str(finetuned))
+    harmful = prompt_set(cfg, "harmful", tokenizer, settings.micro_batch_size, run.inputs.data_dir)
+    task = prompt_set(cfg, "task", tokenizer, settings.micro_batch_size, run.inputs.data_dir)
+    metric, description = run.metric, "given by the caller"
+    if metric is None:
+        metric, description = task_metric(cfg, tokenizer, run.inputs.data_dir)
+    harm_score = harm_metric(cfg, tokenizer, run.inputs.data_dir)
+
+    # d_harm: A's mean last-token hidden state after layer L on the recovery prompts
+    model_a = run.load(run.inputs.aligned)
+    layer, lowest, _ = chosen_weights(model_a, settings)
+    runner = LayerwiseModel(model_a, layer, lowest)
+    _, d_harm = runner.mean_last_hidden(local_batches(harmful, run.rank, run.world), count_rows(harmful))
+    del model_a, runner
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # A's memory goes back before B is loaded beside it
+
+    model = run.load(finetuned)
+    restorer = Restorer(model, TensorStore(run.inputs.aligned, "aligned model"),
+                        TensorStore(finetuned, "fine-tuned model"), settings, run.log)
+    d_benign = restorer.direction(task)  # the same for B on the task prompts
+    result = restorer.run(harmful, task, d_harm, d_benign, run.per_module(metric), run.per_module(harm_score))
+    if run.rank != 0:
+        return None
+    store_a = TensorStore(run.inputs.aligned, "aligned model")
+
+    def repaired(name: str, weight: torch.Tensor) -> torch.Tensor:
+        idx = result.restored.get(name)
+        if idx is None or idx.numel() == 0:
+            return weight
+        flat = weight.clone().flatten()
+        flat[idx] = store_a.get(name).flatten()[idx].to(weight.dtype)
+        return flat.view_as(weight)
+
+    write_model(finetuned, run.out / "model", repaired)
+    changed = sum(int(i.numel()) for i in result.restored.values())
+    return {"method": "restore", "aligned": str(run.inputs.aligned), "finetuned": str(run.inputs.finetuned),
+            "task_metric": description, "task_score_B": result.score_b, "floor": result.floor,
+            "rolled_back": result.rolled_back, "kept_step": result.kept_step, "changed_elements": changed,
+            "weights_in_layers": restorer.total, "k_per_step": restorer.k, "layer": restorer.layer,
+            "layers": [restorer.lowest, restorer.lowest + len(restorer.by_layer)], "zero3": run.zero3,
+            "checkpoints": result.checkpoints}
+
+
+register(Method(
+    name="restore",
+    Config=RestoreConfig,
+    run=run_restore,
+    summary="gradient-ranked restore of a few weights to the aligned model's, with rollback that protects the task",
+    check=check_restore_inputs,
+    data_keys=("harmful", "task"),
+))
