@@ -25,6 +25,7 @@ import importlib
 import os
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from bulwark.errors import BulwarkInputError
@@ -82,15 +83,24 @@ def launch(
 def start(stage: str, argv: list[str], nproc: int, master_port: int = 0) -> int:
     """Run `stage`'s rank entry with `argv`: here when this process is a rank, else under torchrun."""
     module = recipe(stage)
-    if is_rank_process():
-        module.main(argv)
-        return 0
+    resolved = argv[0] if argv and Path(argv[0]).name.startswith(RESOLVED_PREFIX) else None
+    try:
+        if is_rank_process():
+            module.main(argv)
+            return 0
+        return _spawn(argv, nproc, master_port, STAGES[stage])
+    finally:
+        if resolved is not None:
+            Path(resolved).unlink(missing_ok=True)
+
+
+def _spawn(argv: list[str], nproc: int, master_port: int, entry: str) -> int:
     from bulwark.engine.dist import free_port
 
     cmd = [
         sys.executable, "-m", "bulwark.launch",  # torchrun, minus its own traceback (quiet_torchrun)
         "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(master_port or free_port()),
-        "-m", STAGES[stage], *argv,
+        "-m", entry, *argv,
     ]
     import tempfile
 
@@ -155,9 +165,23 @@ def with_cpu_rank_env(env: dict[str, str], nproc: int) -> dict[str, str]:
     return {**cpu, **env}
 
 
+RESOLVED_PREFIX = "bulwark-resolved-"
+
+
 def stage_argv(config: str | None, overrides: list[str], *, resume: bool = False, overwrite: bool = False,
-               resume_if_present: bool = False, stop_after: int = 0) -> list[str]:
-    """The argv every config-driven rank entry takes: [CONFIG] key=value ... [flags]."""
+               resume_if_present: bool = False, stop_after: int = 0, resolved: str | None = None) -> list[str]:
+    """The argv every config-driven rank entry takes: [CONFIG] key=value ... [flags].
+
+    With `resolved` (the config as the parent resolved it, YAML text with every default filled in) the
+    ranks get that file instead of the user's file and overrides: nothing is parsed twice, and what the ranks
+    run is exactly what the parent checked. The file lives in the temp folder; `start` removes it."""
+    if resolved is not None:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix=RESOLVED_PREFIX, suffix=".yaml")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(resolved)
+        config, overrides = path, []
     argv = ([config] if config else []) + list(overrides)
     argv += ["--resume"] if resume else []
     argv += ["--overwrite"] if overwrite else []

@@ -490,11 +490,13 @@ def _merge_adapter(peft_model: PeftModel, gather: Gather | None) -> torch.nn.Mod
     """
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from bulwark.engine.core import is_partitioned
+
     for module in peft_model.modules():
         if not isinstance(module, BaseTunerLayer):
             continue
         weights = list(module.get_base_layer().parameters())
-        if gather is None and any(hasattr(p, "ds_id") for p in weights):
+        if gather is None and any(is_partitioned(p) for p in weights):
             raise RuntimeError("the base model is ZeRO-3 partitioned: pass gather= to merge the adapter")
         with gather(weights) if gather is not None else contextlib.nullcontext():
             module.merge()
@@ -543,9 +545,11 @@ def build_trainable(model_cfg: ModelConfig, gather: Gather | None = None) -> tor
 
 def count_trainable(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; full sizes even when ZeRO-3 has partitioned the parameters."""
+    from bulwark.engine.partitioned import full_numel
+
     trainable = total = 0
     for param in model.parameters():
-        n = int(getattr(param, "ds_numel", param.numel()))
+        n = full_numel(param)
         total += n
         trainable += n if param.requires_grad else 0
     return trainable, total

@@ -31,3 +31,27 @@ def test_unknown_stage_is_one_line() -> None:
 
     with pytest.raises(BulwarkInputError, match="unknown stage 'train'"):
         launch("train", None, [])
+
+
+def test_ranks_get_the_resolved_config_file_not_strings(tmp_path, tiny_model_dir, data_dir, monkeypatch) -> None:
+    """prepare resolves once, in the parent: the rank argv is one YAML file holding every value (defense
+    defaults included), no overrides to parse again; loading it gives the same config."""
+    from pathlib import Path
+
+    from bulwark import launch
+    from bulwark.config import load_config
+    from bulwark.recipes.loop import config_text
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("BULWARK_DATA_DIR", str(data_dir))
+    overrides = [f"model.name={tiny_model_dir}", f"out_dir={tmp_path / 'run'}", "defense.name=sft", "train.steps=2"]
+    _, argv = launch.recipe("finetune").prepare(str(REPO / "configs" / "finetune_lisa.yaml"), overrides)
+    resolved = Path(argv[0])
+    try:
+        assert resolved.name.startswith(launch.RESOLVED_PREFIX) and argv[1:] == []
+        expected = load_config(str(REPO / "configs" / "finetune_lisa.yaml"), overrides, "finetune")
+        assert resolved.read_text() == config_text(expected)
+        assert load_config(str(resolved), [], "finetune") == expected
+        assert "align_steps" not in resolved.read_text()  # lisa's keys dropped with the name change
+    finally:
+        resolved.unlink()

@@ -45,9 +45,11 @@ def test_every_quick_start_line_resolves(tmp_path: Path, tiny_model_dir: Path, d
             config, overrides = args[0], args[1:]
             if not any(o.startswith("model.name=") for o in overrides):
                 overrides.append(f"model.name={tiny_model_dir}")
-            launch.recipe(verb).prepare(config, overrides)
+            _, argv = launch.recipe(verb).prepare(config, overrides)
+            Path(argv[0]).unlink()  # the resolved config the ranks would have read (launch.start removes it)
         elif verb == "recover":
-            launch.recipe(verb).prepare(args[0], args[1:])
+            _, argv = launch.recipe(verb).prepare(args[0], args[1:])
+            Path(argv[0]).unlink()
         elif verb == "eval":
             assert resolve(None, [f"model={args[0]}"])[0] == args[0]
         else:

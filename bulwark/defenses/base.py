@@ -37,8 +37,8 @@ class Stream(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class TrainingView(Protocol):
-    """What a defense may touch. Implemented by `bulwark.engine.Engine`."""
+class PassView(Protocol):
+    """The model's passes: the stepping pass through the engine, extra passes through `module`."""
 
     rank: int
     world_size: int
@@ -52,24 +52,66 @@ class TrainingView(Protocol):
         """The stepping pass, through the DeepSpeed engine, for defenses whose loss needs the logits."""
         ...
 
-    def local_shards(self) -> list[torch.Tensor]:
-        """This rank's flat fp32 master partitions of the trainable weights, in a fixed order."""
+    def forward_outputs(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
+        """The stepping pass through the engine, returning the model's whole output (hidden states...)."""
+        ...
+
+    def extra_pass(self, kind: str = "extra") -> AbstractContextManager:
+        """Wrap each extra (non-stepping) pass through `module`: under ZeRO-3 every `kind` of pass keeps
+        its own parameter-prefetch trace, so it and the stepping pass stop invalidating each other's."""
         ...
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
 
+
+class ShardView(Protocol):
+    """This rank's flat fp32 master shards and the optimizer around them (proximal terms, frozen layers)."""
+
+    rank: int
+    world_size: int
+    module: torch.nn.Module
+    partitioned: bool  # ZeRO-3: weights live as per-rank slices outside a forward
+
+    def local_shards(self) -> list[torch.Tensor]:
+        """This rank's flat fp32 master partitions of the trainable weights, in a fixed order."""
+        ...
+
+    def shard_slice(self, param: torch.nn.Parameter) -> tuple[int, int, int] | None:
+        """(shard index, start, length) of this rank's part of trainable `param` in `local_shards()`,
+        or None when this rank holds none of it."""
+        ...
+
+
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]: ...
+
+    def full_numel(self, param: torch.nn.Parameter) -> int:
+        """Elements of the whole weight, partitioned or not."""
+        ...
+
+    def full_shape(self, param: torch.nn.Parameter) -> torch.Size:
+        """Shape of the whole weight, partitioned or not."""
+        ...
 
     def gathered(self, params: list[torch.nn.Parameter], modify: bool = False) -> AbstractContextManager:
         """Full values of `params` inside the block (ZeRO-3 gathers; a no-op otherwise)."""
         ...
 
-    # weight perturbation and per-parameter shard access (Booster; ZeRO-3, see Engine)
-    def grad_accum_steps(self) -> int: ...
-
-    def forward_outputs(self, batch: dict[str, torch.Tensor], **kwargs: Any) -> Any:
-        """The stepping pass through the engine, returning the model's whole output (hidden states...)."""
+    def optimizer_state(self, shard: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The inner torch optimizer's live state of one of `local_shards()`; empty before its first step."""
         ...
+
+    def add_post_step_hook(self, fn: Callable[[list[tuple[int, torch.Tensor]]], None]) -> None:
+        """`fn([(shard index, fp32 master shard)])` right after the inner optimizer stepped those shards,
+        before the 16-bit weights are copied from them (the pair of `before_step`)."""
+        ...
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+
+class WeightGradView(Protocol):
+    """Gradients kept out of the step and weights perturbed for a pass (Booster, SMART)."""
+
+    def grad_accum_steps(self) -> int: ...
 
     def isolated_backward(self, loss: torch.Tensor) -> list[torch.Tensor]:
         """Backward of an engine pass kept out of the step: this rank's shards of d loss / d w (rank mean)."""
@@ -87,25 +129,10 @@ class TrainingView(Protocol):
         """Forwards inside the block read `shards` as the trainable weights; restored bit for bit afterwards."""
         ...
 
-    def extra_pass(self, kind: str = "extra") -> AbstractContextManager:
-        """Wrap each extra (non-stepping) pass through `module`: under ZeRO-3 every `kind` of pass keeps
-        its own parameter-prefetch trace, so it and the stepping pass stop invalidating each other's."""
-        ...
 
-    # per-element control of the optimizer step (T-Vaccine's frozen layers)
-    def add_post_step_hook(self, fn: Callable[[list[tuple[int, torch.Tensor]]], None]) -> None:
-        """`fn([(shard index, fp32 master shard)])` right after the inner optimizer stepped those shards,
-        before the 16-bit weights are copied from them (the pair of `before_step`)."""
-        ...
-
-    def optimizer_state(self, shard: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The inner torch optimizer's live state of one of `local_shards()`; empty before its first step."""
-        ...
-
-    def shard_slice(self, param: torch.nn.Parameter) -> tuple[int, int, int] | None:
-        """(shard index, start, length) of this rank's part of trainable `param` in `local_shards()`,
-        or None when this rank holds none of it."""
-        ...
+class TrainingView(PassView, ShardView, WeightGradView, Protocol):
+    """Everything a defense may touch, implemented by `bulwark.engine.Engine`. A defense annotates its hooks
+    with the narrowest of the three views it uses, so a reader sees what it reaches into."""
 
 
 ShardIter = Iterator[tuple[int, torch.Tensor]]

@@ -42,15 +42,15 @@ the loop's refusal pass then adds ∇f on top.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from bulwark.defenses.base import Defense, MemoryCost, Stream, TrainingView, register
+from bulwark.defenses.perturbation import Batch, BlockHooks, adversarial_offsets, check_layers, find_blocks
 from bulwark.errors import BulwarkInputError
-
-Batch = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -83,8 +83,11 @@ class Booster(Defense):
     memory = MemoryCost(fp32_copies=6, dtype_copies=1,
                         what="harmful-phase gradient, perturbation and saved-partition copies (sharded)")
 
-    def __init__(self, config: BoosterConfig, total_steps: int) -> None:
+    def __init__(self, config: BoosterConfig, total_steps: int,
+                 alignment_loss: Callable[[TrainingView, Batch], torch.Tensor] | None = None) -> None:
         super().__init__(config, total_steps)
+        # f, the stepping pass: the engine's plain forward, or a composing defense's (booster+vaccine)
+        self.alignment_loss = alignment_loss or (lambda engine, batch: engine.forward_loss(batch))
         if config.lamb < 0 or config.alpha < 0 or config.eps <= 0:
             raise BulwarkInputError("defense.lamb and defense.alpha must be >= 0 and defense.eps > 0")
         self.grad_accum = 1
@@ -107,10 +110,6 @@ class Booster(Defense):
             self.harmful_phase(engine, [{k: v.to(device) for k, v in b.items()} for b in self._harmful])
             self._harmful = []
         return self.alignment_loss(engine, batch)
-
-    def alignment_loss(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
-        """f: the stepping pass (overridden by booster+vaccine)."""
-        return engine.forward_loss(batch)
 
     def harmful_phase(self, engine: TrainingView, harmful: list[Batch]) -> None:
         """Add λ (∇h(w) - ∇h(w')) over this step's harmful batches to this rank's gradient shard."""
@@ -142,48 +141,50 @@ class Booster(Defense):
 class BoosterVaccineConfig(BoosterConfig):
     rho: float = 5.0  # Vaccine's perturbation radius on the alignment pass (reference smooth_align_perturb.sh)
     layers: str = "attention"  # the blocks Vaccine perturbs: attention outputs (reference) or decoder layers
-    own_trace: bool = True  # ZeRO-3: Vaccine's pass 1 keeps its own prefetch trace (see vaccine.py)
+    own_trace: bool = True  # ZeRO-3: Vaccine's pass 1 keeps its own prefetch trace (see perturbation.py)
 
 
 @register
-class BoosterVaccine(Booster):
+class BoosterVaccine(Defense):
     """Booster with Vaccine's perturbation-aware alignment pass (the reference's --perturb_aware True).
 
     The harmful phase is Booster's, unperturbed; the refusal loss f is then taken Vaccine's way: pass 1
     finds e_l = ρ ∂f/∂h_l / (||∂f/∂h|| + 1e-7) on the attention outputs (one norm over all ranks),
     pass 2, the stepping pass, adds e_l. The update gradient is ∇_w f(w; h + e) + λ (∇h(w) - ∇h(w')).
+    Composed, not inherited: a `Booster` whose alignment pass is this class's perturbed one.
     """
 
     name = "booster+vaccine"
+    stages = ("align",)
     Config = BoosterVaccineConfig
+    side_streams = ("harmful",)
     summary = "Booster whose alignment pass is Vaccine's: refusal loss under the worst hidden-state drift (rho)"
     # Booster's harmful-phase copies, then adversarial_offsets' e_l (activation dtype) on every layer
     memory = MemoryCost(fp32_copies=6, dtype_copies=1, layer_outputs=1,
                         what="Booster's copies (sharded) + one perturbation per layer output")
 
     def __init__(self, config: BoosterVaccineConfig, total_steps: int) -> None:
-        from bulwark.defenses.vaccine import check_layers
-
         super().__init__(config, total_steps)
         if not config.rho >= 0:
             raise BulwarkInputError("defense.rho must be >= 0")
         check_layers(config.layers)
-        self.hooks: Any = None
+        self.booster = Booster(BoosterConfig(config.lamb, config.alpha, config.eps), total_steps,
+                               alignment_loss=self.alignment_loss)
+        self.hooks: BlockHooks | None = None
         self._vaccine_norm = 0.0
 
     def attach(self, engine: TrainingView) -> None:
-        from bulwark.defenses.vaccine import BlockHooks, find_blocks
-
-        super().attach(engine)
+        self.booster.attach(engine)
         self.hooks = BlockHooks(find_blocks(engine.module, self.config.layers))
+
+    def next_batch(self, streams: dict[str, Stream], step: int) -> Batch:
+        return self.booster.next_batch(streams, step)
 
     def loss(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
         self.hooks.offsets = {}  # the harmful passes run unperturbed, as in the reference
-        return super().loss(engine, batch)
+        return self.booster.loss(engine, batch)
 
     def alignment_loss(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
-        from bulwark.defenses.vaccine import adversarial_offsets
-
         indices = list(range(len(self.hooks)))
         self.hooks.offsets, self._vaccine_norm = adversarial_offsets(
             engine, self.hooks, batch, self.config.rho, indices, self.config.own_trace
@@ -194,4 +195,4 @@ class BoosterVaccine(Booster):
         self.hooks.offsets = {}
 
     def metrics(self) -> dict[str, Any]:
-        return {**super().metrics(), "vaccine_grad_norm": self._vaccine_norm}
+        return {**self.booster.metrics(), "vaccine_grad_norm": self._vaccine_norm}

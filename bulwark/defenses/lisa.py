@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from bulwark.defenses.base import Defense, MemoryCost, ShardIter, Stream, TrainingView, register
+from bulwark.defenses.base import Defense, MemoryCost, ShardIter, ShardView, Stream, register
 
 ALIGN, FINETUNE = "align", "finetune"
 
@@ -61,7 +61,7 @@ class Lisa(Defense):
         self.stepped_state = self.state
         self.proximal_off_until = math.floor(config.proximal_warmup * total_steps)
 
-    def attach(self, engine: TrainingView) -> None:
+    def attach(self, engine: ShardView) -> None:
         self.anchors = [shard.detach().clone() for shard in engine.local_shards()]
 
     def next_batch(self, streams: dict[str, Stream], step: int) -> dict[str, torch.Tensor]:
@@ -74,7 +74,7 @@ class Lisa(Defense):
             # g += rho * w - rho * anchor, in place: no temporary the size of the shard
             shard.grad.add_(shard.detach(), alpha=self.config.rho).sub_(self.anchors[index], alpha=self.config.rho)
 
-    def after_step(self, engine: TrainingView, step: int) -> None:
+    def after_step(self, engine: ShardView, step: int) -> None:
         self.stepped_state = self.state
         self.steps_done = step
         self.clock += 1

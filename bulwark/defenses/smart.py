@@ -234,7 +234,7 @@ class Smart(Defense):
         embeddings = engine.module.get_input_embeddings()
         self._hidden = int(embeddings.embedding_dim)
         embeddings.register_forward_hook(self._perturb_embeddings)
-        self._partitioned = any(hasattr(p, "ds_id") for _, p in engine.trainable_parameters())
+        self._partitioned = engine.partitioned
         if self.config.mu > 0 and not self._partitioned:
             self._check_fallback(engine)
 

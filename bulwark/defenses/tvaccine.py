@@ -60,7 +60,13 @@ from typing import Any
 import torch
 
 from bulwark.defenses.base import Defense, MemoryCost, ShardIter, Stream, TrainingView, register
-from bulwark.defenses.vaccine import BlockHooks, adversarial_offsets, check_layers, extra_pass, find_blocks
+from bulwark.defenses.perturbation import (
+    BlockHooks,
+    adversarial_offsets,
+    check_layers,
+    extra_pass,
+    find_blocks,
+)
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
 
@@ -154,7 +160,7 @@ class TVaccine(Defense):
             for name, p in layer.named_parameters():
                 if p.requires_grad and self._freezes(name):
                     p.register_hook(self._gradient_gate(index))
-                    numel += int(getattr(p, "ds_numel", p.numel()))
+                    numel += engine.full_numel(p)
                     where = engine.shard_slice(p)
                     if where is not None:
                         slices.append(where)

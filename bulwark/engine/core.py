@@ -172,6 +172,21 @@ class Engine:
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [(name, p) for name, p in self.module.named_parameters() if p.requires_grad]
 
+    @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: the weights live as per-rank slices outside a forward."""
+        return any(is_partitioned(p) for p in self.module.parameters())
+
+    def full_numel(self, param: torch.nn.Parameter) -> int:
+        """Elements of the whole weight (a ZeRO-3 parameter's `numel()` is its empty placeholder's)."""
+        from bulwark.engine.partitioned import full_numel
+
+        return full_numel(param)
+
+    def full_shape(self, param: torch.nn.Parameter) -> torch.Size:
+        """Shape of the whole weight (a ZeRO-3 parameter's own shape is its empty placeholder's)."""
+        return param.ds_shape if is_partitioned(param) else param.shape
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         return all_reduce_sum(tensor)
 

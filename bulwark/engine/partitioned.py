@@ -69,6 +69,12 @@ def load_partitioned(model_dir: str | Path, dtype: str, ds_config: str = "zero3"
     return model
 
 
+def slice_device(param: torch.nn.Parameter) -> torch.device:
+    """Where a parameter's values live: a ZeRO-3 parameter's own slice (its `data` is an empty placeholder
+    outside a gather), else the parameter's device."""
+    return param.ds_tensor.device if is_partitioned(param) else param.device
+
+
 def full_numel(param: torch.nn.Parameter) -> int:
     return int(param.ds_numel) if is_partitioned(param) else param.numel()
 

@@ -100,7 +100,8 @@ def prepare(config: str | None, overrides: list[str], *, resume: bool = False, o
     start_mode(Path(cfg.out_dir), recover_config_text(cfg), False, overwrite, resume_if_present)
     check_inputs(cfg)
     nproc = 1 if get(cfg.method).one_process else cfg.launch.nproc
-    return nproc, stage_argv(config, overrides, overwrite=overwrite, resume_if_present=resume_if_present)
+    return nproc, stage_argv(config, overrides, overwrite=overwrite, resume_if_present=resume_if_present,
+                             resolved=recover_config_text(cfg))
 
 
 def _init_ranks(cfg: RecoverConfig) -> tuple[int, int]:

@@ -34,8 +34,7 @@ from typing import Any
 import torch
 
 from bulwark.engine import all_reduce_sum
-from bulwark.engine.core import is_partitioned
-from bulwark.engine.partitioned import gathered
+from bulwark.engine.partitioned import gathered, slice_device
 
 
 @dataclass
@@ -55,7 +54,7 @@ def weights_device(model: torch.nn.Module) -> torch.device:
     """Where the model's weights live: a ZeRO-3 parameter's own slice (its `data` is an empty placeholder
     outside a gather), else the first parameter's device."""
     for param in model.parameters():
-        return param.ds_tensor.device if is_partitioned(param) else param.device
+        return slice_device(param)
     return torch.device("cpu")
 
 
