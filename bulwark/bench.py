@@ -48,6 +48,12 @@ class BenchConfig:
     ps: list[float] = field(default_factory=lambda: [0.1])
     eval_base: bool = True  # also evaluate the base model and each aligned model
     recover: bool = False  # also run `bulwark recover` (aligned -> each fine-tuned model) and evaluate it
+    # the recover methods that run when recover is on (`method=`; `bulwark defenses` lists them), each on
+    # the fine-tuned models of `recover_after` (empty: every fine-tuned model)
+    recover_methods: list[str] = field(default_factory=lambda: ["restore"])
+    recover_after: list[str] = field(default_factory=list)  # e.g. [sft]: repair only the undefended attack
+    # the attacker's learning rate: one fine-tune per lr (empty: the finetune section's train.lr)
+    lrs: list[float] = field(default_factory=list)
     # key=value overrides for every run of a stage (e.g. {"train.steps": 40}), and per defense
     align: dict[str, Any] = field(default_factory=dict)
     finetune: dict[str, Any] = field(default_factory=dict)
@@ -61,7 +67,7 @@ def load_bench_config(path: str | Path | None, overrides: list[str]) -> BenchCon
     values = read_yaml(path) if path else {}
     values = deep_merge(values, parse_overrides(overrides))
     cfg = build_dataclass(BenchConfig, values, "")
-    check_numbers({k: v for k, v in asdict(cfg).items() if k != "ps"})
+    check_numbers({k: v for k, v in asdict(cfg).items() if k not in ("ps", "lrs")})
     if any(not math.isfinite(p) for p in cfg.ps):
         raise BulwarkInputError(f"bench: ps holds {cfg.ps}: every p must be a finite number in [0, 1]")
     if not cfg.align_defenses or not cfg.finetune_defenses or not cfg.ps:
@@ -69,6 +75,19 @@ def load_bench_config(path: str | Path | None, overrides: list[str]) -> BenchCon
     for p in cfg.ps:
         if not 0 <= p <= 1:
             raise BulwarkInputError(f"bench: ps holds {p}, outside [0, 1]")
+    for lr in cfg.lrs:
+        if not (math.isfinite(lr) and lr > 0):
+            raise BulwarkInputError(f"bench: lrs holds {lr}: every attacker lr must be a finite number > 0")
+    if cfg.recover:
+        from bulwark.recover.base import get
+
+        if not cfg.recover_methods:
+            raise BulwarkInputError("bench: recover=true needs at least one name in recover_methods")
+        for method in cfg.recover_methods:
+            try:
+                get(method)
+            except BulwarkInputError as exc:
+                raise BulwarkInputError(f"bench: recover_methods: {exc}") from None
     from bulwark.defenses import REGISTRY
 
     for stage, names in (("align", cfg.align_defenses), ("finetune", cfg.finetune_defenses)):
@@ -117,12 +136,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     cells: list[Cell] = []
     if cfg.eval_base and base_dir is not None:
         cells.append(Cell("base", base_dir, "base"))
-    plan = [("align", a, None, None) for a in cfg.align_defenses]
-    plan += [("finetune", a, f, p) for a in cfg.align_defenses for f in cfg.finetune_defenses for p in cfg.ps]
+    plan = [("align", a, None, None, None) for a in cfg.align_defenses]
+    plan += [("finetune", a, f, p, lr) for a in cfg.align_defenses for f in cfg.finetune_defenses for p in cfg.ps
+             for lr in (cfg.lrs or [None])]
     total = len(plan)
-    for i, (stage, align_def, ft_def, p) in enumerate(plan, 1):
+    for i, (stage, align_def, ft_def, p, lr) in enumerate(plan, 1):
         defense = align_def if stage == "align" else ft_def
-        run_dir = out / (f"align_{align_def}" if stage == "align" else f"ft_{align_def}_{ft_def}_p{p}")
+        lr_tag = "" if lr is None else f"_lr{lr:g}"
+        run_dir = out / (f"align_{align_def}" if stage == "align" else f"ft_{align_def}_{ft_def}_p{p}{lr_tag}")
         stage_cfg = cfg.align if stage == "align" else cfg.finetune
         overrides = [f"out_dir={run_dir}", f"defense.name={defense}", *data_overrides, *_flatten("", stage_cfg)]
         overrides += _flatten("defense.", cfg.defense_overrides.get(defense, {}))
@@ -130,6 +151,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
             overrides.append(f"model.name={cfg.model}")
         else:
             overrides += [f"model.name={out / f'align_{align_def}' / 'model'}", f"data.p={p}"]
+            overrides += [] if lr is None else [f"train.lr={lr}"]
         if (run_dir / "DONE").is_file():
             log(f"[{i}/{total}] {stage} {defense}{'' if p is None else f' p={p}'}: done earlier, skipped")
         else:
@@ -139,13 +161,14 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
             if code:
                 raise RuntimeError(f"bench: {stage} {defense} failed with exit code {code} (see {run_dir})")
         cell = Cell(
-            f"{stage}:{align_def}" if stage == "align" else f"{align_def}->{ft_def}@p={p}",
+            f"{stage}:{align_def}" if stage == "align" else f"{align_def}->{ft_def}@p={p}"
+            + ("" if lr is None else f",lr={lr:g}"),
             run_dir / "model", stage, align_def, ft_def, p, run_dir,
         )
         if stage == "finetune" or cfg.eval_base:
             cells.append(cell)
-        if stage == "finetune" and cfg.recover:
-            cells.append(run_recover(cfg, cell, out, data_overrides, log))
+        if stage == "finetune" and cfg.recover and (not cfg.recover_after or ft_def in cfg.recover_after):
+            cells += [run_recover(cfg, cell, out, data_overrides, log, method) for method in cfg.recover_methods]
 
     rows = []
     for j, cell in enumerate(cells, 1):
@@ -156,22 +179,30 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
 
 
 def run_recover(cfg: BenchConfig, attacked: Cell, out: Path, data_overrides: list[str],
-                log: Callable[[str], None]) -> Cell:
-    """`bulwark recover` of one fine-tuned model toward its aligned model; skipped when finished."""
+                log: Callable[[str], None], method: str = "restore") -> Cell:
+    """`bulwark recover method=...` of one fine-tuned model toward its aligned model; skipped when finished.
+    Methods that read the unaligned base (safelora, safemerge) get the bench's model."""
     from bulwark.launch import launch
+    from bulwark.recover.base import get
 
-    run_dir = out / f"rec_{attacked.align_defense}_{attacked.finetune_defense}_p{attacked.p}"
+    # restore keeps the name earlier benches wrote; other methods carry theirs
+    suffix = "" if method == "restore" else f"_{method}"
+    run_dir = out / f"rec_{attacked.run_dir.name.removeprefix('ft_')}{suffix}"
     if (run_dir / "DONE").is_file():
         log(f"recover {attacked.label}: done earlier, skipped")
     else:
         log(f"recover {attacked.label} -> {run_dir}")
         overrides = [f"out_dir={run_dir}", f"aligned={out / f'align_{attacked.align_defense}' / 'model'}",
-                     f"finetuned={attacked.model_dir}", *data_overrides, *_flatten("", cfg.recover_overrides)]
+                     f"finetuned={attacked.model_dir}", f"method={method}", *data_overrides,
+                     *_flatten("", cfg.recover_overrides)]
+        if get(method).needs_base:
+            overrides.append(f"base={cfg.model}")
         # a recover run has no checkpoints to resume from: a killed one starts over
         code = launch("recover", None, overrides, overwrite=run_dir.exists())
         if code:
             raise RuntimeError(f"bench: recover of {attacked.label} failed with exit code {code} (see {run_dir})")
-    return Cell(f"{attacked.label}+recover", run_dir / "model", "recover", attacked.align_defense,
+    return Cell(f"{attacked.label}+{'recover' if method == 'restore' else method}", run_dir / "model", "recover",
+                attacked.align_defense,
                 attacked.finetune_defense, attacked.p, run_dir)
 
 

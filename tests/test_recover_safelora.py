@@ -12,7 +12,8 @@ import torch
 from bulwark.recipes.recover import check_inputs, run
 from bulwark.recover.checkpoints import TensorStore
 from bulwark.recover.config import load_recover_config
-from bulwark.recover.safelora import decide, projection_matrix, run_safelora
+from bulwark.recover.safelora import decide, run_safelora
+from bulwark.recover.subspace import projection_matrix
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 

@@ -217,6 +217,7 @@ class StandIn:
     """The engine surface SMART's ascent reads, for one process without DeepSpeed."""
 
     rank, world_size = 0, 1
+    partitioned = False
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.module = model

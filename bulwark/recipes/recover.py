@@ -78,7 +78,7 @@ def check_inputs(cfg: RecoverConfig) -> Inputs:
     if finetuned_base is not None or not models.is_adapter_dir(finetuned):
         check_compatible(aligned, finetuned_base or finetuned)
     if base is not None:
-        check_compatible(base, aligned)
+        check_compatible(base, aligned, ("base", "aligned"), f"{cfg.method} needs A aligned from the base")
     inputs = Inputs(aligned, finetuned, finetuned_base, base, resolve_data_dir(cfg.data.dir))
     if method.check is not None:
         method.check(cfg, inputs)

@@ -64,35 +64,36 @@ def _weight_files(folder: Path, what: str) -> dict[str, Path]:
     )
 
 
-def check_compatible(aligned: Path, finetuned: Path) -> None:
-    """A and B must be the same architecture with the same tensor names and shapes."""
+def check_compatible(aligned: Path, finetuned: Path, names: tuple[str, str] = ("aligned", "fine-tuned"),
+                     rule: str = "recover needs B fine-tuned from A") -> None:
+    """Two models (A and B, or the base and A) must be the same architecture with the same tensor names and
+    shapes; `names` are what the error line calls them."""
+    first, second = (f"{n} model" for n in names)
     configs = {}
-    for what, folder in (("aligned model", aligned), ("fine-tuned model", finetuned)):
+    for what, folder in ((first, aligned), (second, finetuned)):
         try:
             configs[what] = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise BulwarkInputError(f"{what} {folder}: cannot read config.json ({exc})") from None
-    a, b = configs["aligned model"], configs["fine-tuned model"]
+    a, b = configs[first], configs[second]
     for key in ("model_type", "architectures", "num_hidden_layers", "hidden_size"):
         if a.get(key) != b.get(key):
             raise BulwarkInputError(
-                f"aligned model {aligned} and fine-tuned model {finetuned} differ in {key}: "
-                f"{a.get(key)!r} vs {b.get(key)!r}; recover needs B fine-tuned from A"
+                f"{first} {aligned} and {second} {finetuned} differ in {key}: {a.get(key)!r} vs {b.get(key)!r}; {rule}"
             )
-    store_a, store_b = TensorStore(aligned, "aligned model"), TensorStore(finetuned, "fine-tuned model")
+    store_a, store_b = TensorStore(aligned, first), TensorStore(finetuned, second)
     names_a, names_b = set(store_a.names()), set(store_b.names())
     if names_a != names_b:
         only = sorted(names_a ^ names_b)[0]
-        side = "aligned" if only in names_a else "fine-tuned"
+        side = first if only in names_a else second
         raise BulwarkInputError(
-            f"aligned model {aligned} and fine-tuned model {finetuned} hold different tensors "
-            f"('{only}' is only in the {side} model); recover needs B fine-tuned from A"
+            f"{first} {aligned} and {second} {finetuned} hold different tensors ('{only}' is only in the {side}); {rule}"
         )
     for name in sorted(names_a):
         if store_a.shape(name) != store_b.shape(name):
             raise BulwarkInputError(
-                f"tensor '{name}' has shape {store_a.shape(name)} in the aligned model but "
-                f"{store_b.shape(name)} in the fine-tuned model; recover needs B fine-tuned from A"
+                f"tensor '{name}' has shape {store_a.shape(name)} in the {first} but {store_b.shape(name)} in the "
+                f"{second}; {rule}"
             )
 
 

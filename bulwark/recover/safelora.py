@@ -28,8 +28,6 @@ whatever device their inputs are on.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,8 +38,7 @@ from bulwark.config import DEFAULT_LORA_TARGETS
 from bulwark.errors import BulwarkInputError
 from bulwark.recover.base import Method, RecoverRun, register
 from bulwark.recover.checkpoints import TensorStore, write_model
-
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+from bulwark.recover.subspace import ADAPTER_WEIGHTS, lora_pairs, projection_matrix, similarity, write_adapter
 
 
 @dataclass
@@ -53,17 +50,6 @@ class SafeLoraConfig:
         if not 0.0 <= self.threshold <= 1.0:
             raise BulwarkInputError(f"safelora.threshold = {self.threshold} must be in [0, 1]")
 
-
-
-def projection_matrix(v: torch.Tensor) -> torch.Tensor:
-    """C = V V^T / ||V||_F for an alignment matrix V (out x in)."""
-    v = v.float()
-    return (v @ v.T) / torch.linalg.matrix_norm(v, ord="fro")
-
-
-def similarity(projected: torch.Tensor, update: torch.Tensor) -> float:
-    """Cosine similarity of two matrices, flattened."""
-    return float(torch.nn.functional.cosine_similarity(projected.flatten().float(), update.flatten().float(), dim=0))
 
 
 @dataclass
@@ -88,35 +74,6 @@ def decide(v: torch.Tensor, update: torch.Tensor, threshold: float) -> tuple[tor
 # ---- LoRA adapters and the stage -----------------------------------------------------------------------------------------
 
 
-def _lora_pairs(adapter: Path) -> tuple[dict[str, tuple[str, str]], float]:
-    """({weight name: (lora_A key, lora_B key)}, scale) of a PEFT adapter folder."""
-    config = json.loads((adapter / "adapter_config.json").read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise BulwarkInputError(f"{adapter}: a {config.get('peft_type')} adapter; safelora handles LoRA adapters")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise BulwarkInputError(f"{adapter}: per-layer rank_pattern / alpha_pattern are not supported by safelora")
-    r, alpha = int(config["r"]), float(config["lora_alpha"])
-    scale = alpha / (r**0.5) if config.get("use_rslora") else alpha / r
-    from safetensors import safe_open
-
-    if not (adapter / ADAPTER_WEIGHTS).is_file():
-        raise BulwarkInputError(f"{adapter}: no {ADAPTER_WEIGHTS}")
-    with safe_open(str(adapter / ADAPTER_WEIGHTS), framework="pt") as handle:
-        keys = list(handle.keys())
-    pairs: dict[str, tuple[str, str]] = {}
-    for key in keys:
-        if ".lora_A." not in key:
-            continue
-        module = key.split(".lora_A.")[0]
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        name = module.removeprefix("base_model.model.") + ".weight"
-        if b_key in keys:
-            pairs[name] = (key, b_key)
-    if not pairs:
-        raise BulwarkInputError(f"{adapter}: holds no lora_A / lora_B pairs")
-    return pairs, scale
-
-
 def run_safelora(base: Path, aligned: Path, finetuned: Path, out_dir: Path, threshold: float,
                  targets: list[str]) -> list[LayerDecision]:
     """Write out_dir/model (and out_dir/adapter for a LoRA input); return the per-layer decisions.
@@ -132,7 +89,7 @@ def run_safelora(base: Path, aligned: Path, finetuned: Path, out_dir: Path, thre
     if is_adapter_dir(finetuned):
         from safetensors.torch import load_file
 
-        pairs, scale = _lora_pairs(finetuned)
+        pairs, scale = lora_pairs(finetuned, "safelora")
         tensors = load_file(str(finetuned / ADAPTER_WEIGHTS))
 
         def with_lora(name: str, weight: torch.Tensor) -> torch.Tensor:  # weight: the aligned model's
@@ -156,7 +113,7 @@ def run_safelora(base: Path, aligned: Path, finetuned: Path, out_dir: Path, thre
         if missing:
             raise BulwarkInputError(f"{finetuned}: the adapter changes '{missing[0]}', which the aligned model "
                                     f"{aligned} does not have; give the model the adapter was trained on")
-        _write_adapter(finetuned, out_dir / "adapter", tensors)
+        write_adapter(finetuned, out_dir / "adapter", tensors)
         return decisions
 
     store_aligned = TensorStore(aligned, "aligned model")
@@ -176,18 +133,6 @@ def run_safelora(base: Path, aligned: Path, finetuned: Path, out_dir: Path, thre
         raise BulwarkInputError(f"safelora: no 2-D weight named like {targets} in {finetuned}; "
                                 "set safelora.target_modules")
     return decisions
-
-
-def _write_adapter(source: Path, target: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
 
 
 def run_method(run: RecoverRun) -> dict[str, Any]:
