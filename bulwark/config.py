@@ -98,12 +98,19 @@ class LaunchConfig:
 
 
 @dataclass
+class LogConfig:
+    # where metrics and eval summaries go: jsonl (metrics.jsonl, always on), tensorboard, wandb (bulwark/loggers.py)
+    to: list[str] = field(default_factory=lambda: ["jsonl"])
+
+
+@dataclass
 class Config:
     out_dir: str = "runs/run"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     defense: dict[str, Any] = field(default_factory=lambda: {"name": "sft"})
     # the stage that wrote this config (align | finetune); set by the recipe, not the user
     stage: str = ""
@@ -329,6 +336,10 @@ def validate(cfg: Config) -> None:
         if not ok:
             raise BulwarkInputError(message)
     check_numbers(to_dict(cfg))
+    # a named logger whose package is missing fails here, before any rank starts
+    from bulwark.loggers import check_sinks
+
+    cfg.log.to = check_sinks(cfg.log.to)
     for key, value in cfg.defense.items():
         # every defense parameter is a weight, a radius, a step count or a seed: never negative (each
         # defense checks its tighter ranges itself, e.g. booster's eps > 0)

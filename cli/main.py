@@ -92,7 +92,8 @@ def bench(
     config: str = typer.Argument(None, help="YAML bench config (see bulwark/bench.py: BenchConfig)"),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. ps=0.05,0.1"),
 ) -> None:
-    """The pipeline matrix: align -> finetune -> eval per (defense, p); resumable; results.csv/md + plots."""
+    """The pipeline matrix: align -> finetune -> eval per (defense, p); with `attacks`, the defense table
+    (bulwark/table.py: every defense at its stage under each attack, worst case, 95% intervals). Resumable."""
     from bulwark.bench import load_bench_config, results_markdown, run_bench
 
     overrides = list(overrides or [])
@@ -100,7 +101,16 @@ def bench(
         overrides.insert(0, config)
         config = None
     try:
-        rows = run_bench(load_bench_config(config, overrides))
+        cfg = load_bench_config(config, overrides)
+        if cfg.attacks:
+            from pathlib import Path
+
+            from bulwark.table import run_table
+
+            run_table(cfg)
+            typer.echo((Path(cfg.out_dir) / "results.md").read_text())
+            return
+        rows = run_bench(cfg)
     except BulwarkInputError as exc:
         fail(str(exc))
     typer.echo(results_markdown(rows))
@@ -123,6 +133,44 @@ def demo(
         fail(str(exc))
     typer.echo("\n" + results_markdown(rows))
     typer.echo(f"demo finished in {(time.perf_counter() - started) / 60:.1f} min; results in {out}/results.md")
+
+
+data_app = typer.Typer(help="The standard data sets: list the catalogue, fetch them into the data folder.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("list")
+def data_list() -> None:
+    """The catalogue: each set's file name, Hugging Face source and licence."""
+    from rich.console import Console
+    from rich.table import Column, Table
+
+    from bulwark.data.catalog import describe
+
+    table = Table(Column("name", no_wrap=True), "source", "licence", "what it is")
+    for row in describe():
+        table.add_row(row["name"], row["source"], row["licence"], row["what"])
+    Console().print(table)
+
+
+@data_app.command("fetch")
+def data_fetch(
+    names: list[str] = typer.Argument(None, help="sets to fetch (`bulwark data list`); none = all"),
+    dir: str = typer.Option(None, "--dir", help="data folder [default: $BULWARK_DATA_DIR, else ~/.cache/bulwark/data]"),
+    from_disk: str = typer.Option(None, "--from-disk", help="read sets saved with datasets' save_to_disk under "
+                                                            "DIR/<name> or DIR/<hub id> instead of the hub"),
+) -> None:
+    """Download sets from the Hugging Face hub as <name>.jsonl (all or nothing) and note their licences in SOURCES.md."""
+    from bulwark.data.catalog import disk_loader, fetch, fetch_dir
+
+    try:
+        dest = fetch_dir(dir)
+        written = fetch(names, dest, disk_loader(from_disk) if from_disk else None,
+                        log=typer.echo)
+    except BulwarkInputError as exc:
+        fail(str(exc))
+    typer.echo(f"wrote {len(written)} set(s) into {dest}; licences in {dest / 'SOURCES.md'}")
 
 
 def _register_optional() -> None:

@@ -28,8 +28,16 @@ _SUFFIXES = (".jsonl", ".json")
 _ROW_SLICE = re.compile(r"(.+)\[(-?\d*):(-?\d*)\]")
 
 
+def default_data_dir() -> Path:
+    """Where `bulwark data fetch` puts the standard sets when neither data.dir nor $BULWARK_DATA_DIR is set:
+    the user cache (XDG_CACHE_HOME honoured)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(cache).expanduser() / "bulwark" / "data"
+
+
 def resolve_data_dir(configured: str | Path | None) -> Path | None:
-    """The data folder: the configured one, else $BULWARK_DATA_DIR, else None."""
+    """The data folder: the configured one, else $BULWARK_DATA_DIR, else the user cache when `bulwark data
+    fetch` made it, else None (find_file then says how to get the files)."""
     if configured:
         path = Path(configured).expanduser()
         if not path.is_dir():
@@ -41,7 +49,8 @@ def resolve_data_dir(configured: str | Path | None) -> Path | None:
         if not path.is_dir():
             raise BulwarkInputError(f"{DATA_DIR_ENV}={env} is not a folder; point it at the folder of JSONL files")
         return path
-    return None
+    cache = default_data_dir()
+    return cache if cache.is_dir() else None
 
 
 def read_rows(source: str, data_dir: str | Path | None = None) -> list[dict]:
@@ -84,12 +93,23 @@ def find_file(source: str, data_dir: str | Path | None = None) -> Path:
                 return candidate
         raise BulwarkInputError(
             f"data file '{source}' not found as a path or in data folder {folder}; "
-            f"check the name, or put the JSONL file there (or set {DATA_DIR_ENV})"
+            f"check the name, or put the JSONL file there (or set {DATA_DIR_ENV}){_fetch_hint(given, folder)}"
         )
     raise BulwarkInputError(
-        f"data file '{source}' not found and no data folder is set; "
-        f"give a path to a .jsonl/.json file, or set {DATA_DIR_ENV} (or data.dir) to the folder holding it"
+        f"data file '{source}' not found and no data folder is set (nor {default_data_dir()}); "
+        f"run `bulwark data fetch` to download the standard sets there, give a path to a .jsonl/.json file, "
+        f"or set {DATA_DIR_ENV} (or data.dir) to the folder holding it"
     )
+
+
+def _fetch_hint(given: Path, folder: Path) -> str:
+    """A standard set missing from the folder: the command that brings it."""
+    from bulwark.data.catalog import CATALOG
+
+    name = given.name.removesuffix(".jsonl")
+    if name not in CATALOG:
+        return ""
+    return f"; `bulwark data fetch {name} --dir {folder}` downloads it"
 
 
 def row_location(source: str, row: dict) -> str:

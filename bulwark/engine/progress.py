@@ -10,13 +10,16 @@ from typing import Any
 
 
 class RunLogger:
-    def __init__(self, path: Path, rank: int, total: int, start: int = 0, title: str = "train") -> None:
+    def __init__(self, path: Path, rank: int, total: int, start: int = 0, title: str = "train",
+                 log_to: list[str] | None = None, config: dict[str, Any] | None = None) -> None:
+        """`log_to` names the sinks beyond metrics.jsonl (bulwark.loggers: tensorboard, wandb); `config` is
+        the run's resolved config, which wandb records with the run."""
         self.rank, self.total, self.path = rank, total, path
+        self.sinks: list[Any] = []
         self.started = time.perf_counter()
         self.step_times: list[float] = []  # this process's steps
         self.earlier: list[dict[str, Any]] = []  # a resumed run: the rows logged before its checkpoint
         self.progress = None
-        self.file = None
         if rank != 0:
             return
         if start > 0 and path.exists():
@@ -25,7 +28,9 @@ class RunLogger:
             path.write_text("".join(json.dumps(row) + "\n" for row in self.earlier))
         elif path.exists():
             path.unlink()
-        self.file = path.open("a")
+        from bulwark.loggers import open_sinks
+
+        self.sinks = open_sinks(log_to or [], path.parent, config, start_step=start, metrics_path=path)
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         self.progress = Progress(
@@ -44,9 +49,9 @@ class RunLogger:
         self.step_times.append(row.get("step_s", 0.0))
         if self.rank != 0:
             return
-        row = {"step": step, **row, "time": time.time()}
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
+        row = {**row, "time": time.time()}
+        for sink in self.sinks:
+            sink.log_metrics(step, row)
         info = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row.get('step_s', 0):.2f} s/step"
         self.progress.update(self.task, completed=step, info=info)
         if self.progress.disable:
@@ -67,7 +72,9 @@ class RunLogger:
             "peak_mem_bytes_rank0": peak_bytes,
             "world_size": world_size,
         }
-        self.file.close()
+        from bulwark.loggers import close_sinks
+
+        close_sinks(self.sinks)
         (self.path.parent / "train_summary.json").write_text(json.dumps(summary, indent=1))
 
 

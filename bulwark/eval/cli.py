@@ -42,6 +42,8 @@ def eval_command(
     fa_judge: str = typer.Option(None, help="hf:<path> causal LM judging AlpacaEval win rate"),
     meta: list[str] = typer.Option(None, help="KEY=VALUE for the summary key: stage, defense, p, n, seed (repeatable)"),
     nproc: int = typer.Option(None, help="ranks to generate with (spawns torchrun when > 1) [default: 1]"),
+    log_to: str = typer.Option(None, "--log-to", help="also log the summary to: tensorboard,wandb "
+                                                       "[default: the log.to of the run that made the model]"),
 ) -> None:
     """Harmful score (HS, HS+), over-refusal and fine-tune accuracy of one model."""
     from bulwark.eval.device import check_partition, resolve_dtype
@@ -55,7 +57,7 @@ def eval_command(
                  "refusal_judge": refusal_judge, "task": task, "n_task": n_task, "n_benign": n_benign,
                  "template": template, "max_new_tokens": max_new_tokens, "batch_size": batch_size,
                  "dtype": dtype, "partition": "zero3" if zero3 else partition,
-                 "data_dir": data_dir, "fa_judge": fa_judge, "nproc": nproc}
+                 "data_dir": data_dir, "fa_judge": fa_judge, "nproc": nproc, "log_to": log_to}
         options: dict[str, Any] = {}
         if model.endswith((".yaml", ".yml")):
             options = read_eval_yaml(Path(model))

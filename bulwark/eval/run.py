@@ -108,6 +108,7 @@ def run_eval(
     data_dir: str | Path | None = None,
     fa_judge: str | None = None,
     meta: dict | None = None,
+    log_to: list[str] | str | None = None,
     log: Callable[[str], None] = _log,
 ) -> dict | None:
     """Generate, judge and score; rank 0 writes out_dir and returns the summary row, other ranks None.
@@ -121,6 +122,8 @@ def run_eval(
     partition      none (a whole replica per rank) | zero3 (partitioned over the ranks; every rank must
                    call run_eval)
     meta           run identity for the summary key: model, stage, defense, p, n, seed (missing -> null)
+    log_to         loggers for the summary's figures beyond summary.json (tensorboard, wandb; under out_dir);
+                   None: the `log.to` of the Bulwark run that exported the model, at its last step
     """
     from bulwark.data.readers import resolve_data_dir
     from bulwark.eval.device import check_partition, resolve_dtype
@@ -146,6 +149,10 @@ def run_eval(
                 "evaluate the run's merged export (config.json), or drop --zero3 if base + adapter fit one GPU"
             )
     check_judge_name(judge)
+    from bulwark.loggers import check_sinks, run_log_settings
+
+    sinks, sink_step = run_log_settings(model_path) if log_to is None else (log_to, 0)
+    sinks = check_sinks(sinks.split(",") if isinstance(sinks, str) else sinks, "log_to")
     if task is not None and task not in TASK_SOURCES:
         raise BulwarkInputError(f"unknown task '{task}'; choose one of: {', '.join(TASK_SOURCES)} (or none)")
     if n_prompts < 1:
@@ -205,6 +212,9 @@ def run_eval(
     }
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "summary.md", summary_markdown([summary]))
+    from bulwark.loggers import log_eval_summary
+
+    log_eval_summary(sinks, out, summary, sink_step, {"model": str(model_path), "meta": meta})
     log(f"HS {summary['HS']:.1f}%  HS+ {summary['HS_plus']:.1f}%  over-refusal {_fmt(summary['over_refusal'])}%  "
         f"FA {_fmt(summary['FA'])}  -> {out / 'summary.json'}")
     return summary

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bulwark.config import Config, load_config, write_config
+from bulwark.config import Config, load_config, to_dict, write_config
 from bulwark.data import DistributedStream, Example, tokenize_example
 from bulwark.defenses import Defense, build_defense
 from bulwark.errors import BulwarkInputError
@@ -119,7 +119,7 @@ def start_mode(out_dir: Path, resolved_config: str, resume: bool, overwrite: boo
 # What --resume may change: how long to train and how often to save. Everything else (the data, the model,
 # the defense, lr, batch shape) would silently make the resumed run another experiment.
 RESUMABLE_CHANGES = ("train.steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "launch.master_port")
+                     "launch.master_port", "log.to")  # where numbers are reported never changes the run
 
 
 def check_resume_settings(out_dir: Path, resolved_config: str) -> None:
@@ -250,7 +250,7 @@ def prepare_stage(stage: str, build_plan: Any, config: str | None, overrides: li
         models.check_weight_files(model_path)
     build_plan(cfg, defense)  # reads and checks every data file the ranks will read
     argv = stage_argv(config, overrides, resume=resume, overwrite=overwrite, resume_if_present=resume_if_present,
-                      stop_after=stop_after)
+                      stop_after=stop_after, resolved=config_text(cfg))
     return cfg.launch.nproc, argv
 
 
@@ -418,7 +418,8 @@ def train(stage: str, args: argparse.Namespace, build_plan: Any, run: dict[str, 
             streams[name].load_state_dict(state)
         defense.load_state_dict(per_rank["defense"])
 
-    logger = RunLogger(out_dir / "metrics.jsonl", rank, cfg.train.steps, start, title=f"{stage}:{defense.name}")
+    logger = RunLogger(out_dir / "metrics.jsonl", rank, cfg.train.steps, start, title=f"{stage}:{defense.name}",
+                       log_to=cfg.log.to, config=to_dict(cfg))
     stop_at = min(cfg.train.steps, args.stop_after) if args.stop_after else cfg.train.steps
     run["training"], run["step"] = True, start
     for step in range(start, stop_at):

@@ -83,6 +83,10 @@ def check_compatible(aligned: Path, finetuned: Path, names: tuple[str, str] = ("
             )
     store_a, store_b = TensorStore(aligned, first), TensorStore(finetuned, second)
     names_a, names_b = set(store_a.names()), set(store_b.names())
+    if a.get("tie_word_embeddings") or b.get("tie_word_embeddings"):
+        # a tied output head is the embedding matrix: one folder may store it under lm_head.weight too
+        names_a.discard("lm_head.weight")
+        names_b.discard("lm_head.weight")
     if names_a != names_b:
         only = sorted(names_a ^ names_b)[0]
         side = first if only in names_a else second
