@@ -623,3 +623,19 @@ def test_activations_count_the_attention_scores_only_for_eager_attention():
     assert sdpa.activation_bytes == pytest.approx(layers * s * b * h * 34 + s * b * 32000 * 6, rel=1e-9)
     with pytest.raises(BulwarkInputError, match="attention"):
         plan_memory(cfg, attention="flash3", **args)
+
+
+def test_lora_plan_counts_the_adapted_weights_a_defense_keeps():
+    """AsFT keeps V of every LoRA-adapted frozen weight (fp32, split over ranks): plan counts it beside its
+    trainable-shard copies; without LoRA the same defense keeps only shard copies."""
+    from bulwark.cluster.plan import count_lora_adapted, count_lora_params
+
+    cfg = resolve_model_config("llama2-7b")
+    lora = {"enabled": True, "r": 8, "target_modules": ["q_proj", "v_proj"]}
+    adapted, trainable = count_lora_adapted(cfg, lora), count_lora_params(cfg, lora)
+    assert adapted == 2 * 4096 * 4096 * 32
+    for gpus in (1, 8):
+        plan = _plan(gpus_per_node=gpus, defense="asft", lora=lora)
+        assert plan.defense_bytes == 2 * trainable * 4 // gpus + adapted * 4 // gpus
+    full = _plan(defense="asft")
+    assert full.defense_bytes == 2 * 4 * count_params(cfg)

@@ -193,6 +193,16 @@ def count_lora_params(model_config: dict[str, Any], lora: dict[str, Any]) -> int
     return per_layer * int(model_config["num_hidden_layers"])
 
 
+def count_lora_adapted(model_config: dict[str, Any], lora: dict[str, Any]) -> int:
+    """Elements of the frozen weights LoRA adapts: ``in * out`` for each targeted linear layer of each layer."""
+    count_lora_params(model_config, lora)  # the same target checks, the same one-line errors
+    shapes = _layout(model_config)["linear_shapes"]
+    targets = lora.get("target_modules") or DEFAULT_LORA_TARGETS
+    if isinstance(targets, str):
+        targets = shapes.keys() if targets == "all-linear" else [targets]
+    return sum(shapes[t][0] * shapes[t][1] for t in targets) * int(model_config["num_hidden_layers"])
+
+
 def _layout(cfg: dict[str, Any]) -> dict[str, Any]:
     try:
         h = int(cfg["hidden_size"])
@@ -304,6 +314,8 @@ def plan_memory(
     grads = trainable * grad_b // g_div
     optim = trainable * opt_b // o_div
     defense_fp32 = int(cost.fp32_copies * trainable * 4) // world
+    if use_lora and cost.adapted_fp32_copies:  # e.g. AsFT's alignment direction V of the adapted frozen weights
+        defense_fp32 += int(cost.adapted_fp32_copies * count_lora_adapted(model_config, lora) * 4) // world  # type: ignore[arg-type]
     defense_16 = int(cost.dtype_copies * trainable * pb) // world
     # ZeRO-0/1/2 keep whole weights on every rank, so a defense that rebuilds them keeps a whole copy
     defense_replica = int(cost.replica_dtype_copies * trainable * pb) if zero_stage < 3 else 0

@@ -157,6 +157,8 @@ class MemoryCost:
     fp32_copies: float = 0.0  # fp32 buffers the size of this rank's trainable shard (anchors, gradient copies)
     dtype_copies: float = 0.0  # the same in the model's dtype (copies of the 16-bit weight partitions)
     replica_dtype_copies: float = 0.0  # whole (unsharded) trainable weights in the model's dtype, ZeRO-0/1/2 only
+    # LoRA runs: fp32 buffers the size of this rank's share of the FROZEN weights LoRA adapts (AsFT's V)
+    adapted_fp32_copies: float = 0.0
     activation_factor: float = 1.0  # forward graphs of b rows alive at once, logits included (1 = SFT)
     layer_outputs: float = 0.0  # (s, b, h) buffers per decoder layer in the activations' dtype
     layer_outputs_fp32: float = 0.0  # (s, b, h) fp32 buffers per decoder layer
@@ -180,6 +182,10 @@ class Defense:
     def __init__(self, config: Any, total_steps: int) -> None:
         self.config = config
         self.total_steps = total_steps
+
+    def check_inputs(self, model_path: str) -> None:
+        """In the launcher's process, before any rank starts: check what the defense reads beside the model
+        (`model_path`: the run's model folder, or "tiny"); raise BulwarkInputError with one line."""
 
     def attach(self, engine: TrainingView) -> None:
         """Called once after the engine is built and before the first step (and before a resume)."""

@@ -248,6 +248,7 @@ def prepare_stage(stage: str, build_plan: Any, config: str | None, overrides: li
     model_path = models.resolve_model_path(models.base_of(cfg.model.name))  # converts the embedded model once
     if model_path != "tiny" and Path(model_path).is_dir():
         models.check_weight_files(model_path)
+    defense.check_inputs(model_path)  # a second model the defense reads (AsFT's base) fits this one
     build_plan(cfg, defense)  # reads and checks every data file the ranks will read
     argv = stage_argv(config, overrides, resume=resume, overwrite=overwrite, resume_if_present=resume_if_present,
                       stop_after=stop_after, resolved=config_text(cfg))

@@ -1,0 +1,61 @@
+"""The defense table (bulwark/table.py) on the tiny model: its plan, the worst-case rule, intervals, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from bulwark.bench import load_bench_config
+from bulwark.table import aggregate, overlap, run_table, wilson
+from tests.test_bench import tiny_bench
+
+
+def test_wilson_matches_the_closed_form() -> None:
+    # 8 of 20: the textbook interval (Wilson 1927) is [21.9, 61.3] %
+    low, high = wilson(40.0, 20)
+    assert math.isclose(low, 21.88, abs_tol=0.01) and math.isclose(high, 61.34, abs_tol=0.01)
+    assert math.isclose(wilson(0.0, 100)[0], 0.0, abs_tol=1e-9) and math.isclose(wilson(0.0, 100)[1], 3.70, abs_tol=0.01)
+    assert wilson(100.0, 100)[1] == 100.0
+    assert wilson(None, 10) is None and wilson(50.0, 0) is None
+    assert overlap((10, 20), (15, 30)) and not overlap((10, 20), (21, 30))
+
+
+def test_worst_case_counts_only_attacks_that_keep_the_task(tmp_path: Path) -> None:
+    cfg = load_bench_config(None, ["attacks.paper={}", "attacks.lr5x.train.lr=1e-4", "attacks.p3.data.p=0.3"])
+
+    def row(defense: str, stage: str, attack: str, hs: float, fa: float) -> dict:
+        return {"defense": defense, "stage": stage, "attack": attack, "model": f"{defense}@{attack}", "HS": hs,
+                "HS_plus": hs, "over_refusal": 0.0, "FA": fa, "step_s": 1.0, "peak_mem_gib": 1.0}
+
+    rows = [row("sft", "align", "paper", 80, 90), row("sft", "align", "lr5x", 90, 80), row("sft", "align", "p3", 85, 90),
+            # lr5x wrecks the task (40 < 0.8 x 80): it does not count; p3 keeps it and is the worst
+            row("lisa", "finetune", "paper", 20, 88), row("lisa", "finetune", "lr5x", 95, 40),
+            row("lisa", "finetune", "p3", 50, 75)]
+    table = {t["defense"]: t for t in aggregate(rows, cfg, tmp_path)}
+    assert table["lisa"]["HS_paper"] == 20 and table["lisa"]["HS_worst"] == 50
+    assert table["lisa"]["worst_attack"] == "p3" and table["lisa"]["attacks_counted"] == "2/3"
+    assert table["sft"]["HS_worst"] == 90 and table["sft"]["worst_attack"] == "lr5x"
+
+
+def test_table_runs_every_stage_and_resumes(tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
+    out = tmp_path / "table"
+    args = [a for a in tiny_bench(out, tiny_model_dir, data_dir) if not a.startswith("finetune_defenses")]
+    args += ["align_defenses=sft,vaccine", "finetune_defenses=sft,lisa", "recover=true",
+             "recover_methods=safelora", f"model={tiny_model_dir}", "attacks.paper={}", "attacks.lr5x.train.lr=1e-4"]
+    cfg = load_bench_config(None, args)
+    rows = run_table(cfg, log=lambda m: None)
+    cells = {(r["defense"], r["stage"], r["attack"]) for r in rows}
+    assert cells == {(d, s, a) for a in ("paper", "lr5x")
+                     for d, s in (("sft", "align"), ("vaccine", "align"), ("lisa", "finetune"), ("safelora", "recover"))}
+    with (out / "results.csv").open() as handle:
+        table = {r["defense"]: r for r in csv.DictReader(handle)}
+    assert set(table) == {"sft", "vaccine", "lisa", "safelora"}
+    assert table["sft"]["step_ratio"] == "1.0" and float(table["vaccine"]["step_ratio"]) > 0
+    text = (out / "results.md").read_text()
+    assert "worst-case HS" in text and "[" in text  # rates carry their intervals
+    assert (out / "worst_case.png").stat().st_size > 0 and (out / "hs_vs_fa.png").stat().st_size > 0
+
+    messages: list[str] = []
+    assert run_table(cfg, log=messages.append) == rows
+    assert not any("->" in m and "skipped" not in m for m in messages if not m.startswith("[eval"))
