@@ -54,9 +54,8 @@ ZeRO-3, and why this layout:
 - LoRA: the adapters are tiny; V is not (the frozen layer's size). V is kept row-sharded by rank
   (d_out / world size rows each, read at attach), every product with it is a partial over those rows
   plus an all-reduce of d_in x r, batched over all layers: 5 all-reduces a step (one a scalar). Memory:
-  targeted frozen weights / world size in fp32 (V), plus a transient whole copy of the adapters.
-  `MemoryCost` has no field for a frozen-weight-sized buffer: `memory` below states the full-fine-tuning
-  cost (2 fp32 shard copies), which over-states LoRA's for the adapter and omits V (see docs/DEFENSES.md).
+  targeted frozen weights / world size in fp32 (V), plus a transient whole copy of the adapters;
+  `memory` below declares it as `adapted_fp32_copies=1` beside the full-fine-tuning shard copies.
 - Which elements of a weight this rank holds is learnt once from `shard_slice` lengths, all-reduced:
   the pieces of one weight lie on consecutive ranks in rank order under every ZeRO stage.
 Nothing changes during the run (V, W_aligned are recomputed at attach, before a resume loads the
