@@ -55,3 +55,30 @@ def test_ranks_get_the_resolved_config_file_not_strings(tmp_path, tiny_model_dir
         assert "align_steps" not in resolved.read_text()  # lisa's keys dropped with the name change
     finally:
         resolved.unlink()
+
+
+def test_eval_and_recover_ranks_get_resolved_files(tmp_path, tiny_model_dir, data_dir, monkeypatch) -> None:
+    from pathlib import Path
+
+    from bulwark import launch
+    from bulwark.recipes.eval import resolve
+    from bulwark.recover.config import load_recover_config, recover_config_text
+
+    monkeypatch.setenv("BULWARK_DATA_DIR", str(data_dir))
+    given = [f"model={tiny_model_dir}", "n_prompts=3", "meta.seed=1", f"out_dir={tmp_path / 'eval'}"]
+    _, argv = launch.recipe("eval").prepare(None, given)
+    try:
+        assert argv[1:] == [] and resolve(argv[0], []) == resolve(None, given)
+    finally:
+        Path(argv[0]).unlink()
+    a, b = tmp_path / "A", tmp_path / "B"
+    import shutil
+
+    shutil.copytree(tiny_model_dir, a)
+    shutil.copytree(tiny_model_dir, b)
+    given = [f"aligned={a}", f"finetuned={b}", f"out_dir={tmp_path / 'rec'}", "task.metric=loss"]
+    _, argv = launch.recipe("recover").prepare(None, given)
+    try:
+        assert argv[1:] == [] and Path(argv[0]).read_text() == recover_config_text(load_recover_config(None, given))
+    finally:
+        Path(argv[0]).unlink()

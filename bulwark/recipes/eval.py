@@ -95,9 +95,14 @@ def prepare(config: str | None, overrides: list[str], *, resume: bool = False, o
 
     if resume or stop_after:
         raise BulwarkInputError("eval keeps no checkpoints: --resume / --stop-after do not apply")
-    model, _, nproc = resolve(config, overrides)
+    import yaml
+
+    model, options, nproc = resolve(config, overrides)
     check_model_path(model)
-    return nproc, stage_argv(config, overrides, overwrite=overwrite, resume_if_present=resume_if_present)
+    # the ranks read what was resolved here (every option, defaults included), not the strings again
+    resolved = yaml.safe_dump({"model": model, "nproc": nproc, **options}, sort_keys=False)
+    return nproc, stage_argv(config, overrides, overwrite=overwrite, resume_if_present=resume_if_present,
+                             resolved=resolved)
 
 
 def main(argv: list[str] | None = None) -> None:
