@@ -293,3 +293,14 @@ def test_zero3_two_ranks_equal_plain_one_process(decisive_model_dir, data_dir, t
     assert len(_jsonl(out / "generations" / "rows.rank1.jsonl")) == 2
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["partition"], summary["dtype"], summary["world_size"]) == ("zero3", "fp32", 2)
+
+
+def test_a_named_prompt_set_takes_a_row_slice(data_dir) -> None:
+    """Validation prompts: rows of a named set that the reported eval (its first rows) never reads."""
+    from bulwark.data.readers import read_rows
+    from bulwark.eval.run import _prompt_source
+
+    source = _prompt_source("harmful_eval_prompts[500:503]")
+    assert source == "harmful_eval_prompts[500:503]"
+    rows, every = read_rows(source, data_dir), read_rows("harmful_eval_prompts", data_dir)
+    assert [r["prompt"] for r in rows] == [r["prompt"] for r in every[500:503]]

@@ -59,9 +59,15 @@ def _log(message: str) -> None:
 
 
 def _prompt_source(prompt_set: str) -> str:
-    if prompt_set in PROMPT_SETS:
-        return PROMPT_SETS[prompt_set]
-    if prompt_set.endswith((".jsonl", ".json")) or "/" in prompt_set:
+    """A named set or a file, either with an optional row slice: `harmful_eval_prompts[500:600]` holds
+    validation prompts that the reported eval (the first rows) never reads."""
+    from bulwark.data.readers import split_row_slice
+
+    name, rows = split_row_slice(prompt_set)
+    suffix = prompt_set[len(name):]
+    if name in PROMPT_SETS:
+        return PROMPT_SETS[name] + suffix
+    if name.endswith((".jsonl", ".json")) or "/" in name:
         return prompt_set
     raise BulwarkInputError(
         f"unknown prompt set '{prompt_set}'; choose one of: {', '.join(PROMPT_SETS)} or give a path to a .jsonl file"
