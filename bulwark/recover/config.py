@@ -4,7 +4,7 @@ Kept apart from `bulwark.config.Config` (whose sections describe a training run)
 `build_dataclass`, so a typo fails the same way everywhere. Example (configs/recover.yaml):
 
     out_dir: runs/recover
-    method: restore              # restore (gradient-ranked restore with rollback) | safelora
+    method: restore              # a registered method: restore | safelora | antidote | safemerge (bulwark defenses)
     aligned: runs/align/model    # A: the aligned model
     finetuned: runs/finetune/model   # B: the fine-tuned model (full folder, or a LoRA adapter folder)
     restore: {fraction: 0.002, steps: 20}
