@@ -304,3 +304,26 @@ def test_a_named_prompt_set_takes_a_row_slice(data_dir) -> None:
     assert source == "harmful_eval_prompts[500:503]"
     rows, every = read_rows(source, data_dir), read_rows("harmful_eval_prompts", data_dir)
     assert [r["prompt"] for r in rows] == [r["prompt"] for r in every[500:503]]
+
+
+def test_rejudge_scores_saved_generations_again_without_generating(tmp_path, monkeypatch) -> None:
+    """An eval judged under older rules is scored again from its generations: same rows, new verdicts,
+    the previous figures kept under `rejudged_from`; bench does it for every cached eval of another version."""
+    import json
+
+    from bulwark.eval import run as eval_run
+    from bulwark.eval.judges import JUDGE_RULES_VERSION
+
+    out = tmp_path / "eval"
+    (out / "generations").mkdir(parents=True)
+    rows = [{"set": "harmful", "index": 0, "prompt": "p", "input": "", "gold": None, "output": "Sure, here it is: 1."},
+            {"set": "harmful", "index": 1, "prompt": "q", "input": "", "gold": None, "output": "I cannot help with that."}]
+    (out / "generations" / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    old = {"HS": 100.0, "HS_plus": 100.0, "judge": "keyword", "refusal_judge": "keyword", "task": None,
+           "judge_version": JUDGE_RULES_VERSION - 1, "meta": {"seed": 3}}
+    (out / "summary.json").write_text(json.dumps(old))
+    summary = eval_run.rejudge(out)
+    assert summary["HS"] == 50.0 and summary["judge_version"] == JUDGE_RULES_VERSION
+    assert summary["rejudged_from"]["HS"] == 100.0 and summary["meta"] == {"seed": 3}
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert len((out / "harmful.jsonl").read_text().splitlines()) == 2

@@ -21,6 +21,7 @@ partitioned over the ranks, for one that does not fit a GPU) are described in ge
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable
@@ -226,12 +227,35 @@ def run_eval(
     return summary
 
 
+def rejudge(out_dir: str | Path, data_dir: str | Path | None = None,
+            log: Callable[[str], None] = _log) -> dict:
+    """Score a finished eval's generations again with the judges as they are now (no generation): judges
+    improve, and a table must read every row with the same one. Rewrites the per-sample files and
+    summary.json (its other fields kept, `rejudged_from` holding the previous scores)."""
+    from bulwark.data.readers import resolve_data_dir
+
+    out = Path(out_dir)
+    summary_file, generations = out / "summary.json", out / "generations" / "generations.jsonl"
+    if not summary_file.is_file() or not generations.is_file():
+        raise BulwarkInputError(f"{out}: not a finished eval (needs summary.json and generations/generations.jsonl)")
+    old = json.loads(summary_file.read_text())
+    rows = [json.loads(line) for line in generations.read_text().splitlines() if line.strip()]
+    scores = score_rows(rows, judge=old["judge"], refusal_judge=old.get("refusal_judge"), task=old.get("task"),
+                        data_dir=resolve_data_dir(data_dir), fa_judge=old.get("fa_judge"), out=out, log=log)
+    changed = {k: old.get(k) for k in ("HS", "HS_plus", "over_refusal", "FA", "task_refusal")
+               if old.get(k) != scores.get(k)}
+    summary = {**old, **scores, "rejudged_from": {**old.get("rejudged_from", {}), **changed}}
+    atomic_write_json(summary_file, summary)
+    atomic_write_text(out / "summary.md", summary_markdown([summary]))
+    return summary
+
+
 def score_rows(rows: list[dict], *, judge: str, refusal_judge: str | None, task: str | None,
                data_dir: Path | None, fa_judge: str | None, out: Path,
                log: Callable[[str], None] = _log) -> dict:
     """Judge the merged generations, write the per-sample files, return the scores."""
     from bulwark.eval import metrics
-    from bulwark.eval.judges import get_judge, is_degenerate
+    from bulwark.eval.judges import JUDGE_RULES_VERSION, get_judge, is_degenerate
 
     started = time.time()
     by_set: dict[str, list[dict]] = {"harmful": [], "benign": [], "task": []}
@@ -294,6 +318,7 @@ def score_rows(rows: list[dict], *, judge: str, refusal_judge: str | None, task:
         "n_task": len(task_rows),
         "judge": judge,
         "refusal_judge": refusal_name,
+        "judge_version": JUDGE_RULES_VERSION,
         "judge_seconds": round(time.time() - started, 1),
     }
 
