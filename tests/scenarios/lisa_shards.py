@@ -73,7 +73,7 @@ def main() -> None:
         err = check.err
         log.append({"step": step + 1, "state": state, "max_err": err,
                     "streams": {k: s.state_dict() for k, s in streams.items()}})
-    total = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for _, p in engine.trainable_parameters())
+    total = sum(engine.full_numel(p) for _, p in engine.trainable_parameters())
     fixed = engine.to_device(streams["main"].next_batch())
     with torch.no_grad():
         live = model_loss(engine.module, fixed).item()

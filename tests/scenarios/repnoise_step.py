@@ -20,6 +20,7 @@ from bulwark.config import LoraConfig, TrainConfig
 from bulwark.defenses.repnoise import RepNoise, RepNoiseConfig
 from bulwark.engine import Engine, exit_after_success
 from bulwark.models import apply_lora, load_model
+from bulwark.recipes.step import train_step
 
 
 def build(model_dir: str, lora: bool):
@@ -44,12 +45,7 @@ def run_steps(engine: Engine, defense: RepNoise, streams: dict, steps: range, gr
     for step in steps:
         t0 = time.perf_counter()
         n_main, n_harm = len(streams["main"].handed), len(streams["harmful"].handed)
-        for _ in range(grad_accum):
-            batch = defense.next_batch(streams, step)
-            loss = defense.loss(engine, engine.to_device(batch))
-            engine.backward(loss)
-            engine.step()
-        defense.after_step(engine, step + 1)
+        train_step(engine, defense, streams, step, grad_accum)  # the loop's own step body
         times.append(time.perf_counter() - t0)
         if log is not None:
             log.append({"step": step + 1, "main": streams["main"].handed[n_main:],

@@ -21,6 +21,7 @@ from bulwark.data.collate import pad_collate
 from bulwark.defenses.smart import Smart, SmartConfig
 from bulwark.engine import Engine, exit_after_success
 from bulwark.models import apply_lora, load_model
+from bulwark.recipes.step import train_step
 
 
 def rows_for(step: int, micro: int, rank: int, count: int, vocab: int, ragged: bool) -> list[dict]:
@@ -44,23 +45,35 @@ def new_engine(model_dir: str, ds_config: str, lora: bool, train: TrainConfig, c
     return engine, smart
 
 
+class StepRows:
+    """The main stream: deterministic rows for (step, micro-batch, rank), drawn in step order, so a resumed
+    engine that starts at step k draws the same rows as the run it resumes; keeps what it handed out."""
+
+    def __init__(self, rank: int, mbs: int, vocab: int, ragged: bool, grad_accum: int, first_step: int) -> None:
+        self.rank, self.mbs, self.vocab, self.ragged, self.grad_accum = rank, mbs, vocab, ragged, grad_accum
+        self.drawn = first_step * grad_accum
+        self.handed: list[dict] = []
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        step, micro = divmod(self.drawn, self.grad_accum)
+        self.drawn += 1
+        batch = pad_collate(rows_for(step, micro, self.rank, self.mbs, self.vocab, self.ragged), 0)
+        self.handed.append({k: v.tolist() for k, v in batch.items()})
+        return batch
+
+
 def run_steps(engine: Engine, smart: Smart, steps: range, grad_accum: int, mbs: int, ragged: bool,
               log: list | None = None) -> list[float]:
-    vocab = engine.module.config.vocab_size
+    """The steps through the loop's own step body (bulwark.recipes.step.train_step)."""
+    rows = StepRows(engine.rank, mbs, engine.module.config.vocab_size, ragged, grad_accum, steps.start)
     times = []
     for step in steps:
         t0 = time.perf_counter()
-        micro = []
-        for m in range(grad_accum):
-            batch = pad_collate(rows_for(step, m, engine.rank, mbs, vocab, ragged), 0)
-            micro.append({k: v.tolist() for k, v in batch.items()})
-            loss = smart.loss(engine, engine.to_device(batch))
-            engine.backward(loss)
-            engine.step()
-        smart.after_step(engine, step + 1)
+        handed = len(rows.handed)
+        train_step(engine, smart, {"main": rows}, step, grad_accum)
         times.append(time.perf_counter() - t0)
         if log is not None:
-            log.append({"step": step + 1, "batches": micro, "metrics": smart.metrics()})
+            log.append({"step": step + 1, "batches": rows.handed[handed:], "metrics": smart.metrics()})
     return times
 
 
@@ -91,7 +104,7 @@ def main() -> None:
     result = {
         "rank": engine.rank, "world_size": engine.world_size, "log": log,
         "ema_numel": sum(e.numel() for e in smart.ema),
-        "trainable_numel": sum(getattr(p, "ds_numel", p.numel()) for _, p in engine.trainable_parameters()),
+        "trainable_numel": sum(engine.full_numel(p) for _, p in engine.trainable_parameters()),
     }
     if resume_at:
         straight_ema = [e.clone() for e in smart.ema]
