@@ -241,6 +241,12 @@ def evaluate_cell(cfg: BenchConfig, cell: Cell, out: Path) -> dict[str, Any]:
     summary_file = eval_dir / "summary.json"
     if summary_file.is_file():
         summary = json.loads(summary_file.read_text())
+        from bulwark.eval.judges import JUDGE_RULES_VERSION
+
+        if summary.get("judge_version") != JUDGE_RULES_VERSION:  # judged by older rules: score it again
+            from bulwark.eval.run import rejudge
+
+            summary = rejudge(eval_dir, cfg.data_dir)
     else:
         e = cfg.eval
         summary = run_eval(
@@ -276,15 +282,25 @@ def results_markdown(rows: list[dict[str, Any]]) -> str:
     return header + "".join("| " + " | ".join(fmt(r[c]) for c in COLUMNS) + " |\n" for r in rows)
 
 
-def write_results(rows: list[dict[str, Any]], out: Path) -> None:
-    tmp = out / "results.csv.tmp"
+def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
+    """`rows` as CSV (the first row's keys are the columns), written whole or not at all."""
+    tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(out / "results.csv")
-    (out / "results.md.tmp").write_text(results_markdown(rows))
-    (out / "results.md.tmp").replace(out / "results.md")
+    tmp.replace(path)
+
+
+def write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_results(rows: list[dict[str, Any]], out: Path) -> None:
+    write_csv(rows, out / "results.csv")
+    write_text(results_markdown(rows), out / "results.md")
     plot_results(rows, out)
 
 

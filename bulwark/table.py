@@ -19,7 +19,6 @@ carry Wilson 95% intervals; two defenses whose intervals overlap are not ranked 
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Callable
@@ -27,7 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bulwark.bench import BenchConfig, Cell, _flatten, evaluate_cell, run_recover, train_run
+from bulwark.bench import (
+    BenchConfig,
+    Cell,
+    _flatten,
+    evaluate_cell,
+    run_recover,
+    train_run,
+    write_csv,
+    write_text,
+)
 
 Z95 = 1.959963984540054  # the two-sided 95% normal quantile
 UNDEFENDED = "sft"
@@ -190,17 +198,9 @@ def _fmt(value: Any, ci: tuple[float, float] | None = None) -> str:
 def write_table(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> None:
     table = aggregate(rows, cfg, out)
     if rows:
-        with (out / "cells.csv.tmp").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        (out / "cells.csv.tmp").replace(out / "cells.csv")
+        write_csv(rows, out / "cells.csv")
     if table:
-        with (out / "results.csv.tmp").open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(table[0]))
-            writer.writeheader()
-            writer.writerows(table)
-        (out / "results.csv.tmp").replace(out / "results.csv")
+        write_csv(table, out / "results.csv")
     paper = next(iter(cfg.attacks))
     lines = [f"| defense | stage | HS @{paper} | HS+ @{paper} | worst-case HS (attack, counted) | over-refusal | "
              f"FA @{paper} | task refused | step / SFT | peak GiB |", "|---" * 10 + "|"]
@@ -212,8 +212,7 @@ def write_table(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> None
             _fmt(t["task_refusal"]), _fmt(t["step_ratio"]), _fmt(t["peak_mem_gib"])]) + " |")
     notes = ranking_note(table)
     text = "\n".join(lines) + "\n" + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
-    (out / "results.md.tmp").write_text(text)
-    (out / "results.md.tmp").replace(out / "results.md")
+    write_text(text, out / "results.md")
     plot_table(table, out)
 
 

@@ -86,6 +86,62 @@ def plain_model(model_dir: Path, lora: bool, state: dict) -> torch.nn.Module:
     return model
 
 
+def save_subspace_models(root: Path, targets: list[str], dtype: torch.dtype | None = None,
+                         unaligned: str = "") -> Path:
+    """SafeLoRA's and SafeMERGE's models under root: base (tiny seed 0), aligned = base + noise (but the weight
+    named `unaligned`, which alignment leaves alone), a LoRA adapter on aligned (`targets`), and a full
+    fine-tune = aligned + noise; in `dtype` (default fp32)."""
+    import peft
+
+    from bulwark.models import tiny_llama
+
+    dtype = dtype or torch.float32
+    model, tokenizer = tiny_llama(seed=0)
+    model = model.to(dtype)
+    model.save_pretrained(root / "base")
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != unaligned:
+                p.add_((0.05 * torch.randn(p.shape, generator=gen)).to(dtype))
+    model.save_pretrained(root / "aligned")
+    tokenizer.save_pretrained(root / "aligned")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets),
+                               autocast_adapter_dtype=False)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    lora.save_pretrained(root / "adapter")
+    model = lora.unload()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_((0.02 * torch.randn(p.shape, generator=gen)).to(dtype))
+    model.save_pretrained(root / "full")
+    return root
+
+
+def save_adapter_on(model_dir: Path, out: Path, targets: list[str], value: float = 0.05) -> Path:
+    """A LoRA adapter (r 2, alpha 4) on `model_dir` with every lora_B set to `value`, so that it moves the
+    model, and its adapter_config naming that folder as its base (as a Bulwark run writes it)."""
+    import json
+
+    import peft
+
+    from bulwark.models import load_model
+
+    lora = peft.get_peft_model(load_model(str(model_dir)), peft.LoraConfig(r=2, lora_alpha=4, target_modules=targets))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.fill_(value)
+    lora.save_pretrained(out)
+    config = json.loads((out / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(model_dir)
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
 def save_recover_pair(root: Path) -> Path:
     """The recover tests' models: A (tiny seed 0) and B = A + 0.05 * noise, saved in fp32 under root/A, root/B."""
     from bulwark.models import tiny_llama

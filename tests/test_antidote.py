@@ -13,7 +13,7 @@ from bulwark.errors import BulwarkInputError
 from bulwark.models import load_model, load_tokenizer, save_tiny_llama
 from bulwark.recover.checkpoints import TensorStore
 from bulwark.recover.config import load_recover_config
-from tests.conftest import bulwark_cli, check, save_recover_pair, torchrun
+from tests.conftest import bulwark_cli, check, save_adapter_on, save_recover_pair, torchrun
 
 TARGETS = ["q_proj", "k_proj", "v_proj"]
 SPARSITY = 0.25
@@ -155,19 +155,9 @@ def test_pruning_equals_plain_pytorch(models_dir: Path, data_dir: Path, tmp_path
 
 def test_lora_input_is_merged_then_pruned(models_dir: Path, data_dir: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import peft
 
     monkeypatch.setenv("BULWARK_DATA_DIR", str(data_dir))
-    lora = peft.get_peft_model(load_model(str(models_dir / "A")),
-                               peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.05)
-    lora.save_pretrained(tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(models_dir / "A")
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    save_adapter_on(models_dir / "A", tmp_path / "adapter", ["q_proj", "v_proj"])
     summary = run_in_process(stage_args(models_dir, tmp_path / "out", finetuned=tmp_path / "adapter"))
     merged = tmp_path / "out" / "finetuned_merged"
     name = "model.layers.0.self_attn.q_proj.weight"

@@ -108,31 +108,9 @@ TARGETS = ["q_proj", "v_proj"]
 
 def three_models(root: Path, dtype: torch.dtype) -> Path:
     """base, aligned = base + noise, a LoRA adapter on aligned, full fine-tune = aligned + noise; in `dtype`."""
-    import peft
+    from tests.conftest import save_subspace_models
 
-    from bulwark.models import tiny_llama
-
-    model, tokenizer = tiny_llama(seed=0)
-    model = model.to(dtype)
-    model.save_pretrained(root / "base")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_((0.05 * torch.randn(p.shape, generator=gen)).to(dtype))
-    model.save_pretrained(root / "aligned")
-    tokenizer.save_pretrained(root / "aligned")
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS),
-                               autocast_adapter_dtype=False)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    lora.save_pretrained(root / "adapter")
-    model = lora.unload()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_((0.02 * torch.randn(p.shape, generator=gen)).to(dtype))
-    model.save_pretrained(root / "full")
+    save_subspace_models(root, TARGETS, dtype)
     return root
 
 

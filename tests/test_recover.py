@@ -17,7 +17,7 @@ from bulwark.recover.checkpoints import TensorStore, check_compatible
 from bulwark.recover.config import load_recover_config
 from bulwark.recover.hidden import make_batches
 from bulwark.recover.restore import RestoreConfig, Restorer, chosen_weights
-from tests.conftest import bulwark_cli, check, save_recover_pair, torchrun
+from tests.conftest import bulwark_cli, check, save_adapter_on, save_recover_pair, torchrun
 
 # ---- fixtures: A (tiny seed 0), B = A + noise, and models that do not fit A -------------------------------
 
@@ -397,21 +397,11 @@ def test_empty_prompt_file_is_one_clear_error(tmp_path: Path) -> None:
 
 def test_lora_adapter_as_b_is_merged_first(models_dir: Path, data_dir: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import peft
 
     from bulwark.recipes.recover import check_inputs, run
 
     monkeypatch.setenv("BULWARK_DATA_DIR", str(data_dir))
-    lora = peft.get_peft_model(load_model(str(models_dir / "A")), peft.LoraConfig(r=2, lora_alpha=4,
-                                                                                    target_modules=["q_proj"]))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.fill_(0.05)
-    lora.save_pretrained(tmp_path / "adapter")
-    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(models_dir / "A")
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+    save_adapter_on(models_dir / "A", tmp_path / "adapter", ["q_proj"])
     args = [a for a in stage_args(models_dir, tmp_path / "out") if not a.startswith("finetuned=")]
     cfg = load_recover_config(None, [*args, f"finetuned={tmp_path / 'adapter'}", "restore.steps=2"])
     summary = run(cfg, check_inputs(cfg), overwrite=False)

@@ -44,31 +44,9 @@ def test_projection_math_matches_a_direct_computation() -> None:
 @pytest.fixture(scope="module")
 def three_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """base (tiny seed 0), aligned = base + noise, a LoRA adapter on aligned, full fine-tune = aligned + noise."""
-    import peft
+    from tests.conftest import save_subspace_models
 
-    from bulwark.models import tiny_llama
-
-    root = tmp_path_factory.mktemp("safelora")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "base")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "aligned")
-    tokenizer.save_pretrained(root / "aligned")
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    lora.save_pretrained(root / "adapter")
-    model = lora.unload()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "full")
-    return root
+    return save_subspace_models(tmp_path_factory.mktemp("safelora"), TARGETS)
 
 
 def lora_updates(root: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -71,28 +71,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import peft
 
     from bulwark.models import save_tiny_llama, tiny_llama
+    from tests.conftest import save_subspace_models
 
-    root = tmp_path_factory.mktemp("safemerge")
-    model, tokenizer = tiny_llama(seed=0)
-    model.save_pretrained(root / "base")
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name != UNALIGNED:
-                p.add_(0.05 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "aligned")
-    tokenizer.save_pretrained(root / "aligned")
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    lora.save_pretrained(root / "adapter")
-    model = lora.unload()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn(p.shape, generator=gen))
-    model.save_pretrained(root / "full")
+    root = save_subspace_models(tmp_path_factory.mktemp("safemerge"), TARGETS, unaligned=UNALIGNED)
     save_tiny_llama(root / "mlp48", seed=0, intermediate=48)
     other, _ = tiny_llama(seed=0, intermediate=48)
     peft.get_peft_model(other, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"])).save_pretrained(
