@@ -201,7 +201,11 @@ def test_one_process_default_config_matches_plain(tiny_model_dir: Path) -> None:
     good, bad = rows(1, [9, 12]), rows(2, [10, 8])
     defense = RepNoise(RepNoiseConfig(), 1)
     defense.attach(View())
-    defense._harmful = bad
+    class Once:  # a harmful stream that hands out `bad`
+        def next_batch(self) -> dict:
+            return bad
+
+    defense.harmful.draw({"harmful": Once()})
     got = defense.loss(View(), good)
     want = plain_loss(model, good, bad, RepNoiseConfig(), torch.Generator().manual_seed(0))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

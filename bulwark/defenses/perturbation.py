@@ -1,4 +1,5 @@
-"""Hidden-state perturbation that defenses compose: block hooks, adversarial and Gaussian offsets.
+"""What defenses compose: hidden-state perturbation (block hooks, adversarial and Gaussian offsets) and the
+side batch stacked under the main one.
 
 Vaccine perturbs the output h_l of each block with e_l = ρ g_l / (||g|| + 1e-7), g_l = ∂f/∂h_l (pass 1,
 `adversarial_offsets`), then steps the weights with h_l ← h_l + e_l (pass 2). T-Vaccine perturbs only the
@@ -161,3 +162,29 @@ def gaussian_offsets(
              for _ in range(rows)]
     target = batch["input_ids"].device
     return {b: torch.stack([draws[r][b] for r in range(rows)]).mul_(std).to(target) for b in range(n_blocks)}
+
+
+class StackedSideBatch:
+    """A side stream's micro-batch drawn beside the main one and stacked under it into ONE forward
+    (refusal_ul's negatives, RepNoise's harmful rows): `draw` in next_batch, `stack` in loss.
+
+    Drawn in next_batch, not in loss, so the streams advance in the loop's order and a resumed run draws the
+    same rows; stacked rows are right-padded to one length (bulwark.data.collate.stack_batches)."""
+
+    def __init__(self, stream: str, owner: str) -> None:
+        self.stream, self.owner = stream, owner
+        self._pending: Batch | None = None
+
+    def draw(self, streams: dict[str, Any]) -> None:
+        self._pending = streams[self.stream].next_batch()
+
+    def stack(self, batch: Batch) -> tuple[Batch, int]:
+        """(main rows then side rows, on the main batch's device; the number of main rows)."""
+        from bulwark.data.collate import stack_batches
+
+        if self._pending is None:
+            raise RuntimeError(f"{self.owner}: loss() without a {self.stream} batch from next_batch()")
+        side = {k: v.to(batch["input_ids"].device) for k, v in self._pending.items()}
+        self._pending = None
+        return stack_batches(batch, side), batch["input_ids"].size(0)
+

@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from bulwark.data.collate import stack_batches
 from bulwark.defenses.base import Defense, MemoryCost, Stream, TrainingView, register
+from bulwark.defenses.perturbation import StackedSideBatch
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import IGNORE_INDEX, causal_lm_loss
 
@@ -94,20 +94,15 @@ class RefusalUL(Defense):
             raise BulwarkInputError(f"defense.opening_tokens must be >= 1 (got {config.opening_tokens})")
         if not 0.0 < config.min_complement < 1.0:
             raise BulwarkInputError(f"defense.min_complement must be in (0, 1) (got {config.min_complement})")
-        self._negatives: Batch | None = None
+        self.negatives = StackedSideBatch(NEGATIVES, "refusal_ul")
         self._last: dict[str, float] = {}
 
     def next_batch(self, streams: dict[str, Stream], step: int) -> Batch:
-        self._negatives = streams[NEGATIVES].next_batch()
+        self.negatives.draw(streams)
         return streams["main"].next_batch()
 
     def loss(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
-        if self._negatives is None:
-            raise RuntimeError("refusal_ul: loss() without a negative batch from next_batch()")
-        negatives = {k: v.to(batch["input_ids"].device) for k, v in self._negatives.items()}
-        self._negatives = None
-        rows = batch["input_ids"].size(0)
-        stacked = stack_batches(batch, negatives)
+        stacked, rows = self.negatives.stack(batch)
         logits = engine.forward_logits(stacked)
         sft = causal_lm_loss(logits[:rows], stacked["labels"][:rows])
         cfg = self.config

@@ -60,8 +60,8 @@ from typing import Any
 
 import torch
 
-from bulwark.data.collate import stack_batches
 from bulwark.defenses.base import Defense, MemoryCost, Stream, TrainingView, register
+from bulwark.defenses.perturbation import StackedSideBatch
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import IGNORE_INDEX, causal_lm_loss
 
@@ -121,7 +121,7 @@ class RepNoise(Defense):
         if config.kernel_num < 1 or config.kernel_mul <= 0:
             raise BulwarkInputError("defense.kernel_num must be >= 1 and defense.kernel_mul > 0")
         self.generator = torch.Generator()
-        self._harmful: Batch | None = None
+        self.harmful = StackedSideBatch("harmful", "repnoise")
         self._capturing = False
         self._mlp_outputs: list[torch.Tensor] = []
         self._last: dict[str, float] = {}
@@ -139,16 +139,11 @@ class RepNoise(Defense):
             self._mlp_outputs.append(output)
 
     def next_batch(self, streams: dict[str, Stream], step: int) -> Batch:
-        self._harmful = streams["harmful"].next_batch()
+        self.harmful.draw(streams)
         return streams["main"].next_batch()
 
     def loss(self, engine: TrainingView, batch: Batch) -> torch.Tensor:
-        if self._harmful is None:
-            raise RuntimeError("repnoise: loss() without a harmful batch from next_batch()")
-        harmful = {k: v.to(batch["input_ids"].device) for k, v in self._harmful.items()}
-        self._harmful = None
-        rows = batch["input_ids"].size(0)
-        stacked = stack_batches(batch, harmful)
+        stacked, rows = self.harmful.stack(batch)
         self._mlp_outputs = []
         self._capturing = True
         try:
