@@ -12,8 +12,9 @@ update gradient is
     g = ∇f(w) + λ ( ∇h(w) - ∇h(w') ),      w' = w - α ∇h(w) / (||∇h(w)|| + 1e-7)
 
 with ||.|| the L2 norm over all trainable weights. Defaults are the reference's: λ = 5, α = 0.1
-(script/alignment/smooth_align.sh). With LoRA only the adapter weights are perturbed and trained,
-and `bulwark finetune model.lora.mode=single` (the default) keeps training this same adapter.
+(script/alignment/smooth_align.sh). With LoRA only the adapter weights are perturbed and trained;
+the paper's single LoRA (fine-tuning keeps training this same adapter) is `bulwark finetune
+model.lora.mode=single`, which must be asked for: Bulwark's default is `double` (merge, then a fresh adapter).
 
 Granularity (differs from the reference only with gradient accumulation): h, ∇h and ∇h(w') are
 taken over the optimizer step's whole harmful batch, all micro-batches and all ranks (DeepSpeed
