@@ -16,6 +16,9 @@ from bulwark.data.templates import tokenize_example
 from bulwark.defenses.smart import Smart, SmartConfig
 from bulwark.models import embedded_model_dir, load_model, load_tokenizer
 
+# mt-dnn's perturbation sizes (SMART's defaults before this sweep): the grid scales these
+MT_DNN = SmartConfig(noise_std=1e-5, step_size=1e-5, epsilon=1e-6)
+
 rows = int(sys.argv[1]) if len(sys.argv) > 1 else 4
 max_len = int(sys.argv[2]) if len(sys.argv) > 2 else 128
 name = str(embedded_model_dir())
@@ -40,7 +43,7 @@ class View:
 
 
 def run(scale: float, **over) -> tuple[dict, torch.Tensor]:
-    base = SmartConfig()
+    base = MT_DNN
     cfg = SmartConfig(mu=0.0, own_trace=False, noise_std=base.noise_std * scale, step_size=base.step_size * scale,
                       epsilon=base.epsilon * scale, **over)
     smart = Smart(cfg, 1)
@@ -54,11 +57,11 @@ def run(scale: float, **over) -> tuple[dict, torch.Tensor]:
 
 
 _, g0 = run(1.0, lambda_s=0.0)
-print(f"SmolLM2, {rows} SST-2 rows x <= {max_len} tokens; defaults: eps {SmartConfig().epsilon:g}, "
-      f"step {SmartConfig().step_size:g}, noise {SmartConfig().noise_std:g}, lambda_s {SmartConfig().lambda_s:g}")
+print(f"SmolLM2, {rows} SST-2 rows x <= {max_len} tokens; scale 1 = mt-dnn's eps {MT_DNN.epsilon:g}, "
+      f"step {MT_DNN.step_size:g}, noise {MT_DNN.noise_std:g}")
 print("| scale | eps | lambda_s | R_s | update moved by R_s |\n|---|---|---|---|---|")
 for scale in (1.0, 1e1, 1e2, 1e3, 1e4, 1e5):
     for lambda_s in (1.0, 10.0):
         m, g = run(scale, lambda_s=lambda_s)
-        print(f"| x{scale:g} | {SmartConfig().epsilon * scale:.0e} | {lambda_s:g} | {m['smart_smooth']:.3e} | "
+        print(f"| x{scale:g} | {MT_DNN.epsilon * scale:.0e} | {lambda_s:g} | {m['smart_smooth']:.3e} | "
               f"{((g - g0).norm() / g0.norm()).item():.3e} |", flush=True)

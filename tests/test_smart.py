@@ -283,11 +283,12 @@ def test_sym_kl_and_projection() -> None:
     torch.testing.assert_close(example[1, 0], torch.zeros(4))
 
 
-def test_registered_for_finetune_only_with_reference_defaults() -> None:
+def test_registered_for_finetune_only_with_defaults_that_act() -> None:
     smart = build_defense({"name": "smart"}, "finetune", 10)
     assert isinstance(smart, Smart)
-    assert smart.config == SmartConfig(lambda_s=1.0, mu=1.0, beta=0.99, noise_std=1e-5, step_size=1e-5,
-                                       epsilon=1e-6, ascent_steps=1, projection="ball")
+    # the reference's λ_s, μ, β, K and projection; σ, η, ε 1e4 x mt-dnn's, where R_s moves the update
+    assert smart.config == SmartConfig(lambda_s=1.0, mu=1.0, beta=0.99, noise_std=1e-1, step_size=1e-1,
+                                       epsilon=1e-2, ascent_steps=1, projection="ball")
     with pytest.raises(BulwarkInputError, match="finetune"):
         build_defense({"name": "smart"}, "align", 10)
     with pytest.raises(BulwarkInputError, match="epsilon"):

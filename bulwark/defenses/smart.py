@@ -107,9 +107,12 @@ class SmartConfig:
     lambda_s: float = 1.0  # weight of the smoothness regulariser R_s (mt-dnn adv_alpha)
     mu: float = 1.0  # weight of the Bregman proximal term (paper)
     beta: float = 0.99  # momentum of the EMA weights θ_ema (paper)
-    noise_std: float = 1e-5  # σ: standard deviation of δ's initial noise (mt-dnn adv_noise_var)
-    step_size: float = 1e-5  # η: ascent step on δ (mt-dnn adv_step_size)
-    epsilon: float = 1e-6  # ε: per-token ∞-norm radius of δ (mt-dnn adv_epsilon)
+    # σ, η, ε: 1e4 x mt-dnn's (1e-5, 1e-5, 1e-6), where R_s acts: at mt-dnn's values it moves the update by
+    # ~1e-6 of its norm on SmolLM2, here by ~4.5% (bench/smart_sweep.py); chosen on validation prompts
+    # (configs/smart_sweep.yaml, docs/DEFENSES.md), lambda_s 1 over 10 for its lower over-refusal
+    noise_std: float = 1e-1  # σ: standard deviation of δ's initial noise (mt-dnn adv_noise_var: 1e-5)
+    step_size: float = 1e-1  # η: ascent step on δ (mt-dnn adv_step_size: 1e-5)
+    epsilon: float = 1e-2  # ε: per-token ∞-norm radius of δ (mt-dnn adv_epsilon: 1e-6)
     ascent_steps: int = 1  # K (mt-dnn adv_k)
     projection: str = "ball"  # "ball": clip δ to the ε ball (paper); "unit": mt-dnn's rescaling to ∞-norm 1
     # what the ascent maximises: "symmetric" SymKL (paper); "forward" KL(f(x) || f(x + δ)) (mt-dnn's first
