@@ -151,7 +151,6 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
 
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data_overrides = [f"data.dir={cfg.data_dir}"] if cfg.data_dir else []
     base_dir = Path(models.resolve_model_path(cfg.model)) if cfg.model != "tiny" else None
     cells: list[Cell] = []
     if cfg.eval_base and base_dir is not None:
@@ -176,7 +175,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
         if stage == "finetune" or cfg.eval_base:
             cells.append(cell)
         if stage == "finetune" and cfg.recover and (not cfg.recover_after or ft_def in cfg.recover_after):
-            cells += [run_recover(cfg, cell, out, data_overrides, log, method) for method in cfg.recover_methods]
+            cells += [run_recover(cfg, cell, out, log, method) for method in cfg.recover_methods]
 
     rows = []
     for j, cell in enumerate(cells, 1):
@@ -192,7 +191,7 @@ def train_run(cfg: BenchConfig, stage: str, defense: str, run_dir: Path, model: 
     through the launcher as the CLI would; skipped when finished, resumed from its last checkpoint."""
     from bulwark.launch import launch
 
-    overrides = [f"out_dir={run_dir}", f"defense.name={defense}", *([f"data.dir={cfg.data_dir}"] if cfg.data_dir else []),
+    overrides = [f"out_dir={run_dir}", f"defense.name={defense}", *_data_dir(cfg),
                  *_flatten("", cfg.align if stage == "align" else cfg.finetune),
                  *_flatten("defense.", cfg.defense_overrides.get(defense, {})),
                  *_flatten("", cfg.run_overrides.get(defense, {})), f"model.name={model}", *extra]
@@ -206,8 +205,13 @@ def train_run(cfg: BenchConfig, stage: str, defense: str, run_dir: Path, model: 
         raise RuntimeError(f"bench: {stage} {defense} failed with exit code {code} (see {run_dir})")
 
 
-def run_recover(cfg: BenchConfig, attacked: Cell, out: Path, data_overrides: list[str],
-                log: Callable[[str], None], method: str = "restore") -> Cell:
+def _data_dir(cfg: BenchConfig) -> list[str]:
+    """The bench's data folder as a stage override (none: the stage's own default)."""
+    return [f"data.dir={cfg.data_dir}"] if cfg.data_dir else []
+
+
+def run_recover(cfg: BenchConfig, attacked: Cell, out: Path, log: Callable[[str], None],
+                method: str = "restore") -> Cell:
     """`bulwark recover method=...` of one fine-tuned model toward its aligned model; skipped when finished.
     Methods that read the unaligned base (safelora, safemerge) get the bench's model."""
     from bulwark.launch import launch
@@ -221,7 +225,7 @@ def run_recover(cfg: BenchConfig, attacked: Cell, out: Path, data_overrides: lis
     else:
         log(f"recover {attacked.label} -> {run_dir}")
         overrides = [f"out_dir={run_dir}", f"aligned={out / f'align_{attacked.align_defense}' / 'model'}",
-                     f"finetuned={attacked.model_dir}", f"method={method}", *data_overrides,
+                     f"finetuned={attacked.model_dir}", f"method={method}", *_data_dir(cfg),
                      *_flatten("", cfg.recover_overrides)]
         if get(method).needs_base:
             overrides.append(f"base={cfg.model}")

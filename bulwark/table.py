@@ -89,8 +89,7 @@ def run_table(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
                 cfg.ps[0], run_dir)))
         attacked = next(c.cell for c in cells if c.attack == attack and c.stage == "align" and c.defense == first_align)
         for method in cfg.recover_methods if cfg.recover else []:
-            recovered = run_recover(cfg, attacked, out, [f"data.dir={cfg.data_dir}"] if cfg.data_dir else [], log,
-                                    method)
+            recovered = run_recover(cfg, attacked, out, log, method)
             cells.append(TableCell(method, "recover", attack, recovered))
     rows = []
     for i, tc in enumerate(cells, 1):

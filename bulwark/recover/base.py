@@ -14,7 +14,7 @@ partition, the fine-tuned model as a full folder, prompt batches) are its method
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -120,7 +120,6 @@ class Method:
     reads_adapter: bool = False  # takes a LoRA fine-tuned model as the adapter itself (else merged first)
     # pre-rank checks of what the method reads (data files, ZeRO-3 JSON...): raise BulwarkInputError
     check: Callable[[RecoverConfig, Inputs], None] | None = None
-    data_keys: tuple[str, ...] = field(default=())  # the data.* sets it reads, for docs and `bulwark plan`
 
 
 REGISTRY: dict[str, Method] = {}

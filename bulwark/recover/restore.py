@@ -499,5 +499,4 @@ register(Method(
     run=run_restore,
     summary="gradient-ranked restore of a few weights to the aligned model's, with rollback that protects the task",
     check=check_restore_inputs,
-    data_keys=("harmful", "task"),
 ))
