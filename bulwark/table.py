@@ -67,38 +67,47 @@ def run_table(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     """Run (or pick up) every cell, evaluate it, write results.csv / results.md / the plots; return the rows."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cells: list[TableCell] = []
-    first_align = cfg.align_defenses[0]
     for defense in cfg.align_defenses:
         train_run(cfg, "align", defense, out / f"align_{defense}", cfg.model, [], log, f"align {defense}")
+    rows: list[dict[str, Any]] = []
+    # one attack at a time, evaluated and tabled before the next starts: an interrupted table still reports
+    # every defense under the attacks it finished (the papers' first), and says which attacks are missing
     for attack, settings in cfg.attacks.items():
-        extra = [f"data.p={cfg.ps[0]}", *_flatten("", settings)]
-        for defense in cfg.align_defenses:  # each aligned model under the undefended attack
-            run_dir = out / f"ft_{defense}_{UNDEFENDED}_{attack}"
-            train_run(cfg, "finetune", UNDEFENDED, run_dir, str(out / f"align_{defense}" / "model"), extra, log,
-                      f"[{attack}] attack {defense}-aligned")
-            cells.append(TableCell(defense, "align", attack, Cell(
-                f"{defense}->{UNDEFENDED}@{attack}", run_dir / "model", "finetune", defense, UNDEFENDED, cfg.ps[0],
-                run_dir)))
-        for defense in [d for d in cfg.finetune_defenses if d != UNDEFENDED]:  # defending the attack itself
-            run_dir = out / f"ft_{first_align}_{defense}_{attack}"
-            train_run(cfg, "finetune", defense, run_dir, str(out / f"align_{first_align}" / "model"), extra, log,
-                      f"[{attack}] {defense} during the attack")
-            cells.append(TableCell(defense, "finetune", attack, Cell(
-                f"{first_align}->{defense}@{attack}", run_dir / "model", "finetune", first_align, defense,
-                cfg.ps[0], run_dir)))
-        attacked = next(c.cell for c in cells if c.attack == attack and c.stage == "align" and c.defense == first_align)
-        for method in cfg.recover_methods if cfg.recover else []:
-            recovered = run_recover(cfg, attacked, out, log, method)
-            cells.append(TableCell(method, "recover", attack, recovered))
-    rows = []
-    for i, tc in enumerate(cells, 1):
-        log(f"[eval {i}/{len(cells)}] {tc.cell.label}")
-        row = evaluate_cell(cfg, tc.cell, out)
-        # "stage" is where the defense acts (the evaluated model itself is always a fine-tuned one)
-        rows.append({"defense": tc.defense, "attack": tc.attack, **row, "stage": tc.stage})
-    write_table(rows, cfg, out)
+        cells = _attack_cells(cfg, attack, settings, out, log)
+        for i, tc in enumerate(cells, 1):
+            log(f"[eval {attack} {i}/{len(cells)}] {tc.cell.label}")
+            row = evaluate_cell(cfg, tc.cell, out)
+            # "stage" is where the defense acts (the evaluated model itself is always a fine-tuned one)
+            rows.append({"defense": tc.defense, "attack": tc.attack, **row, "stage": tc.stage})
+        write_table(rows, cfg, out)
     return rows
+
+
+def _attack_cells(cfg: BenchConfig, attack: str, settings: dict[str, Any], out: Path,
+                  log: Callable[[str], None]) -> list[TableCell]:
+    """Train (or pick up) every model of one attack: each aligned model attacked, each fine-tuning defense
+    defending it, each recover method repairing the SFT-aligned, SFT-attacked model."""
+    first_align = cfg.align_defenses[0]
+    extra = [f"data.p={cfg.ps[0]}", *_flatten("", settings)]
+    cells: list[TableCell] = []
+    for defense in cfg.align_defenses:  # each aligned model under the undefended attack
+        run_dir = out / f"ft_{defense}_{UNDEFENDED}_{attack}"
+        train_run(cfg, "finetune", UNDEFENDED, run_dir, str(out / f"align_{defense}" / "model"), extra, log,
+                  f"[{attack}] attack {defense}-aligned")
+        cells.append(TableCell(defense, "align", attack, Cell(
+            f"{defense}->{UNDEFENDED}@{attack}", run_dir / "model", "finetune", defense, UNDEFENDED, cfg.ps[0],
+            run_dir)))
+    for defense in [d for d in cfg.finetune_defenses if d != UNDEFENDED]:  # defending the attack itself
+        run_dir = out / f"ft_{first_align}_{defense}_{attack}"
+        train_run(cfg, "finetune", defense, run_dir, str(out / f"align_{first_align}" / "model"), extra, log,
+                  f"[{attack}] {defense} during the attack")
+        cells.append(TableCell(defense, "finetune", attack, Cell(
+            f"{first_align}->{defense}@{attack}", run_dir / "model", "finetune", first_align, defense,
+            cfg.ps[0], run_dir)))
+    attacked = next(c.cell for c in cells if c.stage == "align" and c.defense == first_align)
+    for method in cfg.recover_methods if cfg.recover else []:
+        cells.append(TableCell(method, "recover", attack, run_recover(cfg, attacked, out, log, method)))
+    return cells
 
 
 def _summary(row: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -210,6 +219,11 @@ def write_table(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> None
             _fmt(t["over_refusal"], t["over_refusal_ci"]), _fmt(t["FA_paper"], t["FA_paper_ci"]),
             _fmt(t["task_refusal"]), _fmt(t["step_ratio"]), _fmt(t["peak_mem_gib"])]) + " |")
     notes = ranking_note(table)
+    done = list(dict.fromkeys(r["attack"] for r in rows))
+    missing = [a for a in cfg.attacks if a not in done]
+    if missing:
+        notes.insert(0, f"PARTIAL: attacks evaluated {', '.join(done)}; not yet run {', '.join(missing)} "
+                        f"(worst case so far; rerun the same command to finish)")
     text = "\n".join(lines) + "\n" + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
     write_text(text, out / "results.md")
     plot_table(table, out)

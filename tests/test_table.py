@@ -44,7 +44,15 @@ def test_table_runs_every_stage_and_resumes(tmp_path: Path, tiny_model_dir: Path
     args += ["align_defenses=sft,vaccine", "finetune_defenses=sft,lisa", "recover=true",
              "recover_methods=safelora", f"model={tiny_model_dir}", "attacks.paper={}", "attacks.lr5x.train.lr=1e-4"]
     cfg = load_bench_config(None, args)
-    rows = run_table(cfg, log=lambda m: None)
+    partial: list[str] = []
+
+    def on_second_attack(message: str) -> None:  # the papers' attack is tabled before lr5x trains
+        if message.startswith("[lr5x]") and not partial:
+            partial.append((out / "results.md").read_text())
+
+    rows = run_table(cfg, log=on_second_attack)
+    assert partial and "PARTIAL: attacks evaluated paper; not yet run lr5x" in partial[0]
+    assert "| sft | align |" in partial[0] and "PARTIAL" not in (out / "results.md").read_text()
     cells = {(r["defense"], r["stage"], r["attack"]) for r in rows}
     assert cells == {(d, s, a) for a in ("paper", "lr5x")
                      for d, s in (("sft", "align"), ("vaccine", "align"), ("lisa", "finetune"), ("safelora", "recover"))}
