@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +111,9 @@ def _spawn(argv: list[str], nproc: int, master_port: int, entry: str) -> int:
     fd, error_file = tempfile.mkstemp(prefix="bulwark-error-")
     os.close(fd)
     child = subprocess.Popen(cmd, env={**rank_env(dict(os.environ), nproc), ERROR_FILE_ENV: error_file})
+    # SIGTERM (kill, scancel, a supervisor) reaches this process only: without passing it on, the ranks would
+    # run on, orphaned, and a restarted command would find their run half-written under its feet
+    previous = _forward_sigterm(child) if threading.current_thread() is threading.main_thread() else None
     try:
         while True:
             try:
@@ -122,6 +127,17 @@ def _spawn(argv: list[str], nproc: int, master_port: int, entry: str) -> int:
         return code
     finally:
         os.unlink(error_file)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _forward_sigterm(child: subprocess.Popen) -> Any:
+    """Pass SIGTERM on to `child` (torchrun, which stops its ranks; they say where to resume) and keep
+    waiting for it; returns the handler it replaced."""
+    def forward(signum: int, frame: Any) -> None:
+        child.send_signal(signum)
+
+    return signal.signal(signal.SIGTERM, forward)
 
 
 def quiet_torchrun(argv: list[str]) -> int:

@@ -5,6 +5,7 @@ with a short error and no traceback, and nothing the user had may be lost or cha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -206,6 +207,30 @@ def test_ctrl_c_says_where_to_resume(tmp_path: Path, tiny_model_dir: Path, data_
     result = subprocess.CompletedProcess(cmd, proc.returncode, "", err)
     assert_clean_failure(result, 130, "--resume")
     assert not (out / "FAILED").exists()  # a checkpoint exists: the run is resumable, not failed
+
+
+def test_sigterm_to_the_command_stops_its_ranks_too(tmp_path: Path, tiny_model_dir: Path, data_dir: Path) -> None:
+    """kill, scancel or a supervisor signal the command, not its ranks: they must not run on, orphaned,
+    writing a run folder that a restarted command would then share."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cli.main", "finetune",
+           *tiny(tiny_model_dir, out, "train.steps=500", "train.checkpoint_every=2")]
+    proc = subprocess.Popen(cmd, env=subprocess_env(data_dir), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (out / "checkpoints" / "latest").is_file():
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGTERM)  # the command alone, as `kill PID` does
+        _, err = proc.communicate(timeout=RUN_TIMEOUT_S)
+        assert_clean_failure(subprocess.CompletedProcess(cmd, proc.returncode, "", err), 130, "--resume")
+        time.sleep(1.0)
+        with pytest.raises(ProcessLookupError):  # nothing of the run is left in its process group
+            os.killpg(proc.pid, 0)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_exploding_gradients_stop_the_run_instead_of_skipping_every_step(tmp_path: Path, tiny_model_dir: Path,
