@@ -7,18 +7,21 @@ V = W_aligned - W_base, R = λ Σ ||(I - C) ΔW||_F², and differentiates CE + R
 from __future__ import annotations
 
 import json
+import subprocess
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from bulwark.config import LoraConfig
 from bulwark.defenses import build_defense
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
 from bulwark.models import apply_lora, load_model, load_tokenizer, save_tiny_llama
-from tests.conftest import SCENARIOS, bulwark_cli, check, torchrun
+from cli.main import app
+from tests.conftest import SCENARIOS, check, torchrun
 from tests.test_hostile import assert_clean_failure
 
 # intermediate 63: gate/up have an odd number of rows, so 2 ZeRO-3 ranks split a row between them
@@ -262,6 +265,12 @@ def cli_args(model: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
             "defense.name=asft", *extra]
 
 
+def cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
+    """The CLI in this process (rejected input never starts a rank, so nothing needs a process of its own)."""
+    result = CliRunner().invoke(app, args)
+    return subprocess.CompletedProcess(args, result.exit_code, "", result.output)
+
+
 BAD = {
     "base_missing": (lambda t: [f"defense.base={t / 'no_base'}"], "defense.base"),
     "base_not_a_model": (lambda t: [f"defense.base={t}"], "defense.base"),
@@ -278,7 +287,7 @@ def test_bad_input_is_one_line_before_any_rank(case: str, tmp_path: Path, models
     aligned, _ = models
     extra, says = BAD[case]
     out = tmp_path / "run"
-    proc = bulwark_cli(["finetune", *cli_args(aligned, out, *extra(tmp_path))], data_dir)
+    proc = cli_in_process(["finetune", *cli_args(aligned, out, f"data.dir={data_dir}", *extra(tmp_path))])
     assert_clean_failure(proc, 2, says)
     assert not out.exists(), "a run folder was made for a rejected run"
 
@@ -289,7 +298,8 @@ def test_base_of_another_shape_is_one_line_before_any_rank(
     exit 2, no run folder at all."""
     aligned, _ = models
     out = tmp_path / "run"
-    proc = bulwark_cli(["finetune", *cli_args(aligned, out, f"defense.base={tiny_model_dir}")], data_dir)
+    proc = cli_in_process(["finetune", *cli_args(aligned, out, f"data.dir={data_dir}",
+                                                 f"defense.base={tiny_model_dir}")])
     assert_clean_failure(proc, 2, "defense.base")
     assert "shape" in proc.stderr
     assert not out.exists(), "a run folder was made for a rejected run"
