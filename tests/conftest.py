@@ -68,6 +68,18 @@ def bulwark_cli(args: list[str], data_dir: Path | None = None, timeout: int = RU
     return run_cmd([sys.executable, "-m", "cli.main", *args], data_dir, timeout)
 
 
+def cli_in_process(args: list[str], data_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """The CLI in this process, for input it must reject before starting any rank (a process of its own
+    costs seconds of imports per case); stdout and stderr come back together as stderr."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    env = {"BULWARK_DATA_DIR": str(data_dir)} if data_dir is not None else {}
+    result = CliRunner().invoke(app, args, env=env)
+    return subprocess.CompletedProcess(args, result.exit_code, "", result.output)
+
+
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, f"exit {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\nSTDERR:\n{proc.stderr[-6000:]}"
     return proc

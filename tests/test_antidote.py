@@ -13,7 +13,7 @@ from bulwark.errors import BulwarkInputError
 from bulwark.models import load_model, load_tokenizer, save_tiny_llama
 from bulwark.recover.checkpoints import TensorStore
 from bulwark.recover.config import load_recover_config
-from tests.conftest import bulwark_cli, check, save_adapter_on, save_recover_pair, torchrun
+from tests.conftest import bulwark_cli, check, cli_in_process, save_adapter_on, save_recover_pair, torchrun
 
 TARGETS = ["q_proj", "k_proj", "v_proj"]
 SPARSITY = 0.25
@@ -244,7 +244,7 @@ def test_cli_bad_input_exits_2_with_one_line(models_dir: Path, data_dir: Path, t
         ([f"finetuned={models_dir / 'mlp48'}"], "has shape"),
     )
     for extra, message in cases:
-        proc = bulwark_cli(["recover", *args, *extra], data_dir, timeout=120)
+        proc = cli_in_process(["recover", *args, *extra], data_dir)
         assert proc.returncode == 2, proc.stderr[-2000:]
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]

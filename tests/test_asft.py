@@ -7,21 +7,18 @@ V = W_aligned - W_base, R = λ Σ ||(I - C) ΔW||_F², and differentiates CE + R
 from __future__ import annotations
 
 import json
-import subprocess
 from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from bulwark.config import LoraConfig
 from bulwark.defenses import build_defense
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
 from bulwark.models import apply_lora, load_model, load_tokenizer, save_tiny_llama
-from cli.main import app
-from tests.conftest import SCENARIOS, check, torchrun
+from tests.conftest import SCENARIOS, check, cli_in_process, torchrun
 from tests.test_hostile import assert_clean_failure
 
 # intermediate 63: gate/up have an odd number of rows, so 2 ZeRO-3 ranks split a row between them
@@ -263,12 +260,6 @@ def cli_args(model: Path, out: Path, *extra: str, nproc: int = 1) -> list[str]:
     return [f"model.name={model}", f"out_dir={out}", "data.n=16", "data.max_length=32",
             "data.template=alpaca", "train.micro_batch_size=2", "train.steps=1", f"launch.nproc={nproc}",
             "defense.name=asft", *extra]
-
-
-def cli_in_process(args: list[str]) -> subprocess.CompletedProcess:
-    """The CLI in this process (rejected input never starts a rank, so nothing needs a process of its own)."""
-    result = CliRunner().invoke(app, args)
-    return subprocess.CompletedProcess(args, result.exit_code, "", result.output)
 
 
 BAD = {

@@ -13,7 +13,7 @@ from bulwark.recipes.recover import check_inputs, run
 from bulwark.recover.checkpoints import TensorStore
 from bulwark.recover.config import load_recover_config
 from bulwark.recover.safemerge import SafeMergeConfig, alignment_cos
-from tests.conftest import bulwark_cli, check, torchrun
+from tests.conftest import bulwark_cli, check, cli_in_process, torchrun
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 UNALIGNED = "model.layers.1.self_attn.v_proj.weight"  # alignment leaves it alone: V = 0, never merged
@@ -238,7 +238,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(models: Path, tmp_path: Pa
     for change, extra, message in cases:
         paths = {**good, **change}
         args = ["method=safemerge", *(f"{k}={v}" for k, v in paths.items()), f"out_dir={out}", *extra]
-        proc = bulwark_cli(["recover", *args], timeout=120)
+        proc = cli_in_process(["recover", *args])
         assert proc.returncode == 2, (change, extra, proc.stderr[-2000:])
         lines = [line for line in proc.stderr.splitlines() if line.strip() and "[WARNING]" not in line]
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (message, proc.stderr)
