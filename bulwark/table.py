@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,8 +159,23 @@ def _json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def median_step_s(run_dir: Path) -> float | None:
+    """The run's median step time (metrics.jsonl): a few steps slowed by another job on the machine move the
+    mean, not the median."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    times = []
+    for line in path.read_text().splitlines():
+        try:
+            times.append(float(json.loads(line)["step_s"]))
+        except (ValueError, KeyError, TypeError):  # a line cut by a kill, or one without a step time
+            continue
+    return statistics.median(times) if times else None
+
+
 def defense_cost(defense: str, stage: str, paper: str, cfg: BenchConfig, out: Path) -> dict[str, Any]:
-    """What the defense's own run cost: its step time over SFT's at the same stage, its peak memory and wall
+    """What the defense's own run cost: its median step time over SFT's at the same stage, its peak memory and wall
     time (align: the alignment run; finetune: the attack it defended; recover: the repair)."""
     first = cfg.align_defenses[0]
     if stage == "recover":
@@ -170,10 +186,9 @@ def defense_cost(defense: str, stage: str, paper: str, cfg: BenchConfig, out: Pa
         mine, ref = out / f"align_{defense}", out / f"align_{UNDEFENDED}"
     else:
         mine, ref = out / f"ft_{first}_{defense}_{paper}", out / f"ft_{first}_{UNDEFENDED}_{paper}"
-    run, sft = _json(mine / "train_summary.json"), _json(ref / "train_summary.json")
-    ratio = None
-    if run.get("mean_step_s") and sft.get("mean_step_s"):
-        ratio = round(run["mean_step_s"] / sft["mean_step_s"], 2)
+    run = _json(mine / "train_summary.json")
+    mine_s, sft_s = median_step_s(mine), median_step_s(ref)
+    ratio = round(mine_s / sft_s, 2) if mine_s and sft_s else None
     peak = run.get("peak_mem_bytes_rank0")
     return {"step_ratio": ratio, "peak_mem_gib": None if peak is None else round(peak / 2**30, 2),
             "wall_s": None if run.get("wall_s") is None else round(run["wall_s"], 1)}

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from bulwark.bench import load_bench_config
-from bulwark.table import aggregate, overlap, run_table, wilson
+from bulwark.table import aggregate, median_step_s, overlap, run_table, wilson
 from tests.test_bench import tiny_bench
 
 
@@ -19,6 +19,14 @@ def test_wilson_matches_the_closed_form() -> None:
     assert wilson(100.0, 100)[1] == 100.0
     assert wilson(None, 10) is None and wilson(50.0, 0) is None
     assert overlap((10, 20), (15, 30)) and not overlap((10, 20), (21, 30))
+
+
+def test_step_time_is_the_median_so_a_slowed_step_does_not_move_it(tmp_path: Path) -> None:
+    # step 2 shared the cores with another job; the last line was cut by a kill
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "step_s": 3.0}\n{"step": 2, "step_s": 100.0}\n'
+                                            '{"step": 3, "step_s": 4.0}\n{"eval_loss": 1.0}\n{"step": 4, "ste')
+    assert median_step_s(tmp_path) == 4.0
+    assert median_step_s(tmp_path / "no_run") is None
 
 
 def test_worst_case_counts_only_attacks_that_keep_the_task(tmp_path: Path) -> None:
