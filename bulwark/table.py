@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,44 +71,48 @@ def run_table(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     for defense in cfg.align_defenses:
         train_run(cfg, "align", defense, out / f"align_{defense}", cfg.model, [], log, f"align {defense}")
     rows: list[dict[str, Any]] = []
-    # one attack at a time, evaluated and tabled before the next starts: an interrupted table still reports
-    # every defense under the attacks it finished (the papers' first), and says which attacks are missing
+    # each cell is evaluated and the table rewritten as soon as the cell's model exists, attack by attack (the
+    # papers' first): an interrupted table reports every cell it finished and says what is missing
     for attack, settings in cfg.attacks.items():
-        cells = _attack_cells(cfg, attack, settings, out, log)
-        for i, tc in enumerate(cells, 1):
-            log(f"[eval {attack} {i}/{len(cells)}] {tc.cell.label}")
+        for tc in _attack_cells(cfg, attack, settings, out, log):
+            log(f"[eval {attack}] {tc.cell.label}")
             row = evaluate_cell(cfg, tc.cell, out)
             # "stage" is where the defense acts (the evaluated model itself is always a fine-tuned one)
             rows.append({"defense": tc.defense, "attack": tc.attack, **row, "stage": tc.stage})
-        write_table(rows, cfg, out)
+            write_table(rows, cfg, out)
     return rows
 
 
+def cells_per_attack(cfg: BenchConfig) -> int:
+    return (len(cfg.align_defenses) + len([d for d in cfg.finetune_defenses if d != UNDEFENDED])
+            + (len(cfg.recover_methods) if cfg.recover else 0))
+
+
 def _attack_cells(cfg: BenchConfig, attack: str, settings: dict[str, Any], out: Path,
-                  log: Callable[[str], None]) -> list[TableCell]:
-    """Train (or pick up) every model of one attack: each aligned model attacked, each fine-tuning defense
-    defending it, each recover method repairing the SFT-aligned, SFT-attacked model."""
+                  log: Callable[[str], None]) -> Iterator[TableCell]:
+    """Train (or pick up) every model of one attack, yielding each as it is ready: each aligned model
+    attacked, each fine-tuning defense defending it, each recover method repairing the SFT-aligned,
+    SFT-attacked model."""
     first_align = cfg.align_defenses[0]
     extra = [f"data.p={cfg.ps[0]}", *_flatten("", settings)]
-    cells: list[TableCell] = []
+    attacked = None
     for defense in cfg.align_defenses:  # each aligned model under the undefended attack
         run_dir = out / f"ft_{defense}_{UNDEFENDED}_{attack}"
         train_run(cfg, "finetune", UNDEFENDED, run_dir, str(out / f"align_{defense}" / "model"), extra, log,
                   f"[{attack}] attack {defense}-aligned")
-        cells.append(TableCell(defense, "align", attack, Cell(
-            f"{defense}->{UNDEFENDED}@{attack}", run_dir / "model", "finetune", defense, UNDEFENDED, cfg.ps[0],
-            run_dir)))
+        cell = Cell(f"{defense}->{UNDEFENDED}@{attack}", run_dir / "model", "finetune", defense, UNDEFENDED,
+                    cfg.ps[0], run_dir)
+        attacked = attacked or cell  # the first aligned model's (SFT's) attack is what recover repairs
+        yield TableCell(defense, "align", attack, cell)
     for defense in [d for d in cfg.finetune_defenses if d != UNDEFENDED]:  # defending the attack itself
         run_dir = out / f"ft_{first_align}_{defense}_{attack}"
         train_run(cfg, "finetune", defense, run_dir, str(out / f"align_{first_align}" / "model"), extra, log,
                   f"[{attack}] {defense} during the attack")
-        cells.append(TableCell(defense, "finetune", attack, Cell(
+        yield TableCell(defense, "finetune", attack, Cell(
             f"{first_align}->{defense}@{attack}", run_dir / "model", "finetune", first_align, defense,
-            cfg.ps[0], run_dir)))
-    attacked = next(c.cell for c in cells if c.stage == "align" and c.defense == first_align)
+            cfg.ps[0], run_dir))
     for method in cfg.recover_methods if cfg.recover else []:
-        cells.append(TableCell(method, "recover", attack, run_recover(cfg, attacked, out, log, method)))
-    return cells
+        yield TableCell(method, "recover", attack, run_recover(cfg, attacked, out, log, method))
 
 
 def _summary(row: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -234,11 +238,13 @@ def write_table(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> None
             _fmt(t["over_refusal"], t["over_refusal_ci"]), _fmt(t["FA_paper"], t["FA_paper_ci"]),
             _fmt(t["task_refusal"]), _fmt(t["step_ratio"]), _fmt(t["peak_mem_gib"])]) + " |")
     notes = ranking_note(table)
-    done = list(dict.fromkeys(r["attack"] for r in rows))
-    missing = [a for a in cfg.attacks if a not in done]
-    if missing:
-        notes.insert(0, f"PARTIAL: attacks evaluated {', '.join(done)}; not yet run {', '.join(missing)} "
-                        f"(worst case so far; rerun the same command to finish)")
+    per_attack = cells_per_attack(cfg)
+    unfinished = [a for a in cfg.attacks if sum(r["attack"] == a for r in rows) < per_attack]
+    if unfinished:
+        done = [a for a in cfg.attacks if a not in unfinished]
+        notes.insert(0, f"PARTIAL: {len(rows)} of {per_attack * len(cfg.attacks)} cells evaluated; attacks "
+                        f"finished: {', '.join(done) or 'none'}; not finished: {', '.join(unfinished)} (worst "
+                        f"case over the cells so far; rerun the same command to finish)")
     text = "\n".join(lines) + "\n" + ("\n" + "\n".join(f"- {n}" for n in notes) + "\n" if notes else "")
     write_text(text, out / "results.md")
     plot_table(table, out)

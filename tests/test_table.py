@@ -59,7 +59,7 @@ def test_table_runs_every_stage_and_resumes(tmp_path: Path, tiny_model_dir: Path
             partial.append((out / "results.md").read_text())
 
     rows = run_table(cfg, log=on_second_attack)
-    assert partial and "PARTIAL: attacks evaluated paper; not yet run lr5x" in partial[0]
+    assert partial and "PARTIAL: 4 of 8 cells evaluated; attacks finished: paper; not finished: lr5x" in partial[0]
     assert "| sft | align |" in partial[0] and "PARTIAL" not in (out / "results.md").read_text()
     cells = {(r["defense"], r["stage"], r["attack"]) for r in rows}
     assert cells == {(d, s, a) for a in ("paper", "lr5x")
