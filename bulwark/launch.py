@@ -113,7 +113,8 @@ def _spawn(argv: list[str], nproc: int, master_port: int, entry: str) -> int:
     child = subprocess.Popen(cmd, env={**rank_env(dict(os.environ), nproc), ERROR_FILE_ENV: error_file})
     # SIGTERM (kill, scancel, a supervisor) reaches this process only: without passing it on, the ranks would
     # run on, orphaned, and a restarted command would find their run half-written under its feet
-    previous = _forward_sigterm(child) if threading.current_thread() is threading.main_thread() else None
+    forwarding = threading.current_thread() is threading.main_thread()  # only there can a handler be set
+    previous = _forward_sigterm(child) if forwarding else None
     try:
         while True:
             try:
@@ -127,8 +128,8 @@ def _spawn(argv: list[str], nproc: int, master_port: int, entry: str) -> int:
         return code
     finally:
         os.unlink(error_file)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        if forwarding:  # a handler set outside Python reads as None: the default is what it did
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _forward_sigterm(child: subprocess.Popen) -> Any:
