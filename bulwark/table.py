@@ -83,9 +83,13 @@ def run_table(cfg: BenchConfig, log: Callable[[str], None] = print) -> list[dict
     return rows
 
 
+def _defending(cfg: BenchConfig) -> list[str]:
+    """The fine-tuning-stage defenses that defend the attack (sft is the attack itself)."""
+    return [d for d in cfg.finetune_defenses if d != UNDEFENDED]
+
+
 def cells_per_attack(cfg: BenchConfig) -> int:
-    return (len(cfg.align_defenses) + len([d for d in cfg.finetune_defenses if d != UNDEFENDED])
-            + (len(cfg.recover_methods) if cfg.recover else 0))
+    return len(cfg.align_defenses) + len(_defending(cfg)) + (len(cfg.recover_methods) if cfg.recover else 0)
 
 
 def _attack_cells(cfg: BenchConfig, attack: str, settings: dict[str, Any], out: Path,
@@ -104,7 +108,7 @@ def _attack_cells(cfg: BenchConfig, attack: str, settings: dict[str, Any], out: 
                     cfg.ps[0], run_dir)
         attacked = attacked or cell  # the first aligned model's (SFT's) attack is what recover repairs
         yield TableCell(defense, "align", attack, cell)
-    for defense in [d for d in cfg.finetune_defenses if d != UNDEFENDED]:  # defending the attack itself
+    for defense in _defending(cfg):  # defending the attack itself
         run_dir = out / f"ft_{first_align}_{defense}_{attack}"
         train_run(cfg, "finetune", defense, run_dir, str(out / f"align_{first_align}" / "model"), extra, log,
                   f"[{attack}] {defense} during the attack")
