@@ -145,6 +145,10 @@ def aggregate(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> list[d
             if r["FA"] >= cfg.fa_floor * base["FA"]:
                 counted.append((r["HS"], attack, r))
         worst = max(counted, key=lambda t: t[0]) if counted else None
+        # the undefended worst case over the attacks this defense was evaluated under: the attacker picks its
+        # best attack against either model, and a partial table compares like with like
+        undefended_hs = [undefended[a]["HS"] for a in mine if a in undefended and undefended[a].get("HS") is not None]
+        undefended_worst = max(undefended_hs) if undefended_hs else None
         n_h, n_b, n_t = summary.get("n_harmful"), summary.get("n_benign"), summary.get("n_task")
         cost = defense_cost(defense, at_paper["stage"], paper, cfg, out)
         table.append({
@@ -155,6 +159,7 @@ def aggregate(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> list[d
             "HS_worst_ci": None if worst is None else wilson(worst[0], n_h),
             "worst_attack": None if worst is None else worst[1],
             "attacks_counted": f"{len(counted)}/{len(attacks)}",
+            "HS_undefended_worst": undefended_worst, "HS_undefended_worst_ci": wilson(undefended_worst, n_h),
             "over_refusal": at_paper["over_refusal"], "over_refusal_ci": wilson(at_paper["over_refusal"], n_b),
             "FA_paper": at_paper["FA"], "FA_paper_ci": wilson(at_paper["FA"], n_t),
             "task_refusal": summary.get("task_refusal"),
@@ -203,16 +208,18 @@ def defense_cost(defense: str, stage: str, paper: str, cfg: BenchConfig, out: Pa
 
 
 def ranking_note(table: list[dict[str, Any]]) -> list[str]:
-    """Which defenses beat SFT's worst case with intervals apart, and which cannot be told from it."""
-    sft = next((t for t in table if t["defense"] == UNDEFENDED and t["stage"] == "align"), None)
-    if sft is None:
-        return []
+    """Which defenses beat SFT's worst case (over the same attacks) with intervals apart, and which cannot be
+    told from it."""
     lines = []
     for t in table:
-        if t is sft or t["HS_worst"] is None:
+        if t["defense"] == UNDEFENDED and t["stage"] == "align":
             continue
-        if not overlap(t["HS_worst_ci"], sft["HS_worst_ci"]):
-            word = "below" if t["HS_worst"] < sft["HS_worst"] else "above"
+        if t["HS_worst"] is None:
+            lines.append(f"{t['defense']}: no attack counts: its FA is under the floor at every attack (it "
+                         f"breaks the task)")
+            continue
+        if not overlap(t["HS_worst_ci"], t["HS_undefended_worst_ci"]):
+            word = "below" if t["HS_worst"] < t["HS_undefended_worst"] else "above"
             lines.append(f"{t['defense']}: worst-case HS {word} SFT's, intervals apart")
         else:
             lines.append(f"{t['defense']}: worst-case HS not distinguishable from SFT's (intervals overlap)")
