@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bulwark.engine.core import _rng_state, _set_rng_state
 from bulwark.engine.manifest import MANIFEST, _check_plain, load_rank_state, verify_manifest, write_manifest
 from bulwark.engine.progress import RunLogger, read_metrics
+from bulwark.engine.snapshot import rng_state, set_rng_state
 from bulwark.errors import BulwarkInputError
 from tests.conftest import bulwark_cli, check
 from tests.test_engine_zero3 import tiny_overrides
@@ -32,7 +32,7 @@ def _checkpoint(tmp_path: Path) -> Path:
     (tag / "sub").mkdir(parents=True)
     torch.save({"w": torch.arange(8.0)}, tag / "mp_rank_00_model_states.pt")
     (tag / "sub" / "optim.bin").write_bytes(b"\x01" * 100)
-    torch.save({"rng": _rng_state(), "defense": {}}, tag / "bulwark_rank0.pt")
+    torch.save({"rng": rng_state(), "defense": {}}, tag / "bulwark_rank0.pt")
     write_manifest(tag)
     return tag
 
@@ -102,7 +102,7 @@ def test_rank_state_round_trips_through_weights_only(tmp_path: Path) -> None:
     np.random.seed(2)
     np.random.standard_normal()  # numpy keeps half a Gaussian pair in its state
     torch.manual_seed(3)
-    state = {"rng": _rng_state(), "defense": {"generator": torch.Generator().manual_seed(4).get_state(),
+    state = {"rng": rng_state(), "defense": {"generator": torch.Generator().manual_seed(4).get_state(),
                                               "anchors": [torch.ones(3)], "state": "align", "norms": None}}
     torch.save(state, tmp_path / "r.pt")
     ahead = (random.random(), float(np.random.standard_normal()), torch.rand(1).item())
@@ -110,7 +110,7 @@ def test_rank_state_round_trips_through_weights_only(tmp_path: Path) -> None:
     np.random.seed(0)
     torch.manual_seed(0)
     loaded = load_rank_state(tmp_path / "r.pt")
-    _set_rng_state(loaded["rng"])
+    set_rng_state(loaded["rng"])
     assert (random.random(), float(np.random.standard_normal()), torch.rand(1).item()) == ahead
     assert loaded["defense"]["state"] == "align" and torch.equal(loaded["defense"]["anchors"][0], torch.ones(3))
 

@@ -1,14 +1,7 @@
 """The only package that imports DeepSpeed (see DESIGN.md: OpenRLHF-style single owner)."""
 
 from bulwark.engine import partitioned  # noqa: F401  (ZeRO-3 without a training engine: bulwark recover)
-from bulwark.engine.core import (
-    Engine,
-    fill_ds_config,
-    gather_for_edit,
-    merge_lora_state_dict,
-    peak_memory_bytes,
-    read_ds_config,
-)
+from bulwark.engine.core import Engine, gather_for_edit, peak_memory_bytes, read_ds_config
 from bulwark.engine.dist import (
     all_gather_cat,
     all_gather_objects,
@@ -21,7 +14,9 @@ from bulwark.engine.dist import (
     reduce_sum_to,
     under_launcher,
 )
+from bulwark.engine.ds_config import fill_ds_config
 from bulwark.engine.progress import RunLogger
+from bulwark.engine.snapshot import merge_lora_state_dict
 
 __all__ = [
     "Engine",

@@ -5,10 +5,8 @@ Defenses see this class only through `bulwark.defenses.base.TrainingView`; recip
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
 import shutil
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -17,10 +15,11 @@ from typing import Any
 
 import torch
 
-from bulwark.cluster.checks import DS_CONFIG_DIR, check_ds_batch_sizes, read_ds_config, resolve_ds_config  # noqa: F401  (re-exported)
+from bulwark.cluster.checks import DS_CONFIG_DIR, read_ds_config, resolve_ds_config  # noqa: F401  (re-exported)
 from bulwark.config import TrainConfig
 from bulwark.engine.compat import COORDINATOR_KWARGS, check_deepspeed_internals  # noqa: F401  (re-exported)
 from bulwark.engine.dist import all_reduce_sum, barrier, init_distributed
+from bulwark.engine.ds_config import fill_ds_config
 from bulwark.engine.manifest import (
     _check_plain,
     latest_checkpoint,
@@ -28,65 +27,18 @@ from bulwark.engine.manifest import (
     verify_manifest,
     write_manifest,
 )
+from bulwark.engine.snapshot import (
+    atomic_dir,
+    merge_lora_state_dict,
+    rng_state,
+    save_hf,
+    saved_world_size,
+    set_rng_state,
+)
 from bulwark.errors import BulwarkInputError
 from bulwark.losses import model_loss
 
 PreStepFn = Callable[[list[tuple[int, torch.Tensor]]], None]
-
-
-def fill_ds_config(raw: dict[str, Any], train: TrainConfig, dtype: str, world_size: int) -> dict[str, Any]:
-    """Replace "auto" values from the run config; explicit values that contradict it are errors."""
-    cfg = json.loads(json.dumps(raw))
-    check_ds_batch_sizes(cfg, train.micro_batch_size, train.grad_accum, world_size)
-    cfg["train_micro_batch_size_per_gpu"] = train.micro_batch_size
-    cfg["gradient_accumulation_steps"] = train.grad_accum
-    cfg["train_batch_size"] = train.micro_batch_size * train.grad_accum * world_size
-    if cfg.get("gradient_clipping", "auto") == "auto":
-        cfg["gradient_clipping"] = train.max_grad_norm
-    bf16 = cfg.setdefault("bf16", {})
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = dtype == "bf16"
-    if cfg.get("fp16", {}).get("enabled") is True:
-        raise BulwarkInputError("ds_config: fp16 is not supported; use model.dtype=bf16 or fp32")
-    zero = cfg.setdefault("zero_optimization", {})
-    on_cpu = not torch.cuda.is_available()
-    auto_values = {
-        "reduce_bucket_size": 5e7,
-        "allgather_bucket_size": 5e7,
-        "stage3_prefetch_bucket_size": 5e7,
-        # 0 on CPU so that even tiny test models are really partitioned; DeepSpeed's default on GPU.
-        "stage3_param_persistence_threshold": 0 if on_cpu else 1e5,
-    }
-    for key, value in auto_values.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
-    # torch AdamW / SGD: compiles nothing (DeepSpeed's fused and CPU Adam build C++ on first use).
-    cfg["zero_allow_untested_optimizer"] = True
-    _check_zero_section(zero)
-    if zero.get("offload_optimizer", {}).get("device", "none") != "none":
-        # DeepSpeed 0.19 refuses a client torch optimizer under optimizer offload unless told that it
-        # steps on the host itself (torch's fused AdamW does; DeepSpeedCPUAdam would compile C++ first)
-        cfg.setdefault("zero_force_ds_cpu_optimizer", False)
-    cfg.setdefault("steps_per_print", 1_000_000)
-    return cfg
-
-
-def _check_zero_section(zero: dict[str, Any]) -> None:
-    """DeepSpeed's own model of zero_optimization, before any rank starts: a value it would refuse inside
-    every rank (a string where it wants a number, an unknown offload device) is one line here."""
-    from pydantic import ValidationError
-
-    try:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-    except ImportError:  # DeepSpeed not installed here (the plan and slurm commands): the ranks check it
-        return
-    try:
-        DeepSpeedZeroConfig(**zero)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ()))
-        raise BulwarkInputError(f"ds_config zero_optimization.{where}: {first.get('msg', 'invalid value')} "
-                                f"(got {first.get('input')!r})") from None
 
 
 def lr_lambda(train: TrainConfig, total_steps: int) -> Callable[[int], float]:
@@ -336,7 +288,7 @@ class Engine:
         barrier()
         client = {**client, "world_size": self.world_size, "step": step}
         self.ds.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
-        per_rank = {**per_rank, "rng": _rng_state()}
+        per_rank = {**per_rank, "rng": rng_state()}
         # refused here, at save, rather than at resume, where weights_only=True would reject it too late
         _check_plain(per_rank, f"bulwark_rank{self.rank}.pt")
         tmp = root / tag / f"bulwark_rank{self.rank}.pt.tmp"
@@ -359,7 +311,7 @@ class Engine:
         # before anything of the tag is unpickled: DeepSpeed's own files are pickles that can run code
         verify_manifest(tag_dir, self.rank, self.world_size)
         rank_file = tag_dir / f"bulwark_rank{self.rank}.pt"
-        saved_world = _saved_world_size(tag_dir)
+        saved_world = saved_world_size(tag_dir)
         if saved_world != self.world_size or not rank_file.is_file():
             raise BulwarkInputError(
                 f"checkpoint {tag_dir} was written by {saved_world} ranks; resume with launch.nproc="
@@ -369,7 +321,7 @@ class Engine:
         _, client = self.ds.load_checkpoint(
             str(root), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
         )
-        _set_rng_state(meta.pop("rng"))
+        set_rng_state(meta.pop("rng"))
         return client or {}, meta
 
     # ---- export ----------------------------------------------------------------------------------
@@ -391,12 +343,12 @@ class Engine:
             module = self.module
             if hasattr(module, "peft_config"):
                 lora = module.peft_config["default"]
-                _atomic_dir(run_dir / "adapter", lambda d: module.save_pretrained(d, state_dict=state))
+                atomic_dir(run_dir / "adapter", lambda d: module.save_pretrained(d, state_dict=state))
                 merged = merge_lora_state_dict(state, lora.lora_alpha / lora.r)
                 base = module.get_base_model()
-                _atomic_dir(run_dir / "model", lambda d: _save_hf(base, merged, tokenizer, d))
+                atomic_dir(run_dir / "model", lambda d: save_hf(base, merged, tokenizer, d))
             else:
-                _atomic_dir(run_dir / "model", lambda d: _save_hf(module, state, tokenizer, d))
+                atomic_dir(run_dir / "model", lambda d: save_hf(module, state, tokenizer, d))
         barrier()
 
     # ---- weight perturbation and per-parameter shard access (Booster) ----
@@ -578,79 +530,6 @@ def gathered(params: list[torch.nn.Parameter], modify: bool = False) -> Abstract
 def gather_for_edit(params: list[torch.nn.Parameter]) -> AbstractContextManager:
     """Whole values of `params` inside the block, edits written back (ZeRO-3); a no-op for plain params."""
     return gathered(params, modify=True)
-
-
-def merge_lora_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
-    """PEFT state dict -> plain model state dict with W <- W + scaling * B @ A."""
-    prefix = "base_model.model."
-    merged: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        if ".lora_" in key:
-            continue
-        name = key[len(prefix):] if key.startswith(prefix) else key
-        if ".base_layer." in name:
-            module_key = key[: key.index(".base_layer.")]
-            a = state.get(f"{module_key}.lora_A.default.weight")
-            b = state.get(f"{module_key}.lora_B.default.weight")
-            name = name.replace(".base_layer.", ".")
-            if a is not None and b is not None and name.endswith("weight"):
-                value = (value.float() + scaling * (b.float() @ a.float())).to(value.dtype)
-        merged[name] = value
-    return merged
-
-
-def _save_hf(module: torch.nn.Module, state: dict[str, torch.Tensor], tokenizer: Any, folder: Path) -> None:
-    module.save_pretrained(folder, state_dict=state)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-
-
-def _atomic_dir(target: Path, write: Callable[[Path], None]) -> None:
-    """Write into target.tmp, then swap it in: a crash never leaves a half-written `target`."""
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _saved_world_size(tag_dir: Path) -> int:
-    return len(list(tag_dir.glob("bulwark_rank*.pt")))
-
-
-def _rng_state() -> dict[str, Any]:
-    import numpy as np
-
-    # numpy's state tuple holds an ndarray, which weights_only=True refuses: kept as plain values
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": {"kind": str(kind), "keys": [int(k) for k in keys], "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    import numpy as np
-
-    torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    # weights_only hands tuples back as they were stored, but lists are accepted too
-    random.setstate((version, tuple(internal), gauss))
-    saved = state["numpy"]
-    np.random.set_state((saved["kind"], np.asarray(saved["keys"], dtype=np.uint32), saved["pos"],
-                         saved["has_gauss"], saved["cached_gaussian"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
 
 
 def peak_memory_bytes() -> int:

@@ -27,8 +27,9 @@ import torch
 
 from bulwark.config import TrainConfig
 from bulwark.engine.compat import check_partitioned_param
-from bulwark.engine.core import fill_ds_config, gathered, is_partitioned, read_ds_config
+from bulwark.engine.core import gathered, is_partitioned, read_ds_config
 from bulwark.engine.dist import init_distributed
+from bulwark.engine.ds_config import fill_ds_config
 from bulwark.errors import BulwarkInputError
 
 _BATCH_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size")
