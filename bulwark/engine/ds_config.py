@@ -1,6 +1,6 @@
 """DeepSpeed's config, filled from the run config before any rank starts ("auto" values, batch sizes, checks).
 
-Kept apart from engine.core so the launcher and `bulwark plan` can fill and check a config without a model.
+Both the training Engine (core.py) and the engine-free ZeRO-3 models of `bulwark recover` (partitioned.py) fill theirs here.
 """
 
 from __future__ import annotations
