@@ -1,6 +1,8 @@
-"""DeepSpeed's config, filled from the run config before any rank starts ("auto" values, batch sizes, checks).
+"""DeepSpeed's config, filled from the run config ("auto" values, batch sizes) and checked.
 
-Both the training Engine (core.py) and the engine-free ZeRO-3 models of `bulwark recover` (partitioned.py) fill theirs here.
+The launcher's prepare step (recipes/loop.py) fills it before any rank starts, so a bad value is one line
+there; each rank fills it again for the training Engine (core.py) or the engine-free ZeRO-3 models of
+`bulwark recover` (partitioned.py).
 """
 
 from __future__ import annotations
