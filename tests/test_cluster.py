@@ -557,7 +557,7 @@ def test_templates_exist_and_bash_is_available():
 
 def test_eval_plan_matches_hand_computation_llama70b():
     """Llama-2-70B, bf16, batch 8, 1024 prompt + 128 new tokens, by hand from its config."""
-    from bulwark.cluster.plan import plan_eval_memory
+    from bulwark.cluster.eval_plan import plan_eval_memory
 
     h, inter, layers, heads, kv, vocab = 8192, 28672, 80, 64, 8, 32000
     head_dim = h // heads

@@ -12,17 +12,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bulwark.cluster.checks import check_ds_batch_sizes
-from bulwark.cluster.plan import (
-    EVAL_BATCH_SIZE,
-    EVAL_PROMPT_TOKENS,
-    GIB,
-    EvalMemoryPlan,
-    MemoryPlan,
-    checkpoint_bytes,
-    plan_eval_memory,
-    plan_memory,
-    resolve_model_config,
-)
+from bulwark.cluster.eval_plan import EVAL_BATCH_SIZE, EVAL_PROMPT_TOKENS, EvalMemoryPlan, plan_eval_memory
+from bulwark.cluster.plan import GIB, MemoryPlan, checkpoint_bytes, plan_memory, resolve_model_config
 from bulwark.cluster.runconfig import (
     RunSettings,
     load_ds_config,
