@@ -173,8 +173,11 @@ def _json(path: Path) -> dict[str, Any]:
 
 
 def median_step_s(run_dir: Path) -> float | None:
-    """The run's median step time (metrics.jsonl): a few steps slowed by another job on the machine move the
-    mean, not the median."""
+    """The run's median step time: the loop's own (train_summary.json), else from metrics.jsonl (runs from
+    before the loop wrote it). A few steps slowed by another job on the machine move the mean, not the median."""
+    recorded = _json(run_dir / "train_summary.json").get("median_step_s")
+    if recorded:
+        return float(recorded)
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return None

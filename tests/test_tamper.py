@@ -140,6 +140,7 @@ def test_metrics_torn_last_line_is_dropped_with_one_warning(tmp_path: Path, caps
     summary = json.loads((tmp_path / "train_summary.json").read_text())
     assert summary["steps_run"] == 5 and summary["resumed_at_step"] == 2
     assert summary["mean_step_s"] == pytest.approx((2.0 + 30.0) / 4)  # step 1 (warm-up) left out
+    assert summary["median_step_s"] == 10.0  # steps 2-5: 2, 10, 10, 10
 
 
 def test_metrics_bad_line_before_the_last_is_an_error(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,8 @@ class RunLogger:
         summary = {
             "steps_run": len(every),
             "mean_step_s": sum(times) / max(1, len(times)),
+            # a few steps slowed by another job on the machine move the mean, not the median
+            "median_step_s": statistics.median(times) if times else 0.0,
             "wall_s": time.perf_counter() - self.started,  # this process only: a resume's gap is not run time
             "resumed_at_step": self.earlier[-1]["step"] if self.earlier else 0,
             "peak_mem_bytes_rank0": peak_bytes,
