@@ -244,13 +244,13 @@ def write_table(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> None
         write_csv(table, out / "results.csv")
     paper = next(iter(cfg.attacks))
     lines = [f"| defense | stage | HS @{paper} | HS+ @{paper} | worst-case HS (attack, counted) | over-refusal | "
-             f"FA @{paper} | task refused | step / SFT | peak GiB |", "|---" * 10 + "|"]
+             f"FA @{paper} | task refused | step / SFT | peak GiB | wall s |", "|---" * 11 + "|"]
     for t in table:
         lines.append("| " + " | ".join([
             t["defense"], t["stage"], _fmt(t["HS_paper"], t["HS_paper_ci"]), _fmt(t["HS_plus_paper"]),
             f"{_fmt(t['HS_worst'], t['HS_worst_ci'])} ({t['worst_attack'] or '-'}, {t['attacks_counted']})",
             _fmt(t["over_refusal"], t["over_refusal_ci"]), _fmt(t["FA_paper"], t["FA_paper_ci"]),
-            _fmt(t["task_refusal"]), _fmt(t["step_ratio"]), _fmt(t["peak_mem_gib"])]) + " |")
+            _fmt(t["task_refusal"]), _fmt(t["step_ratio"]), _fmt(t["peak_mem_gib"]), _fmt(t["wall_s"])]) + " |")
     notes = ranking_note(table)
     per_attack = cells_per_attack(cfg)
     unfinished = [a for a in cfg.attacks if sum(r["attack"] == a for r in rows) < per_attack]

@@ -95,6 +95,8 @@ def test_table_runs_every_stage_and_resumes(tmp_path: Path, tiny_model_dir: Path
     assert table["sft"]["step_ratio"] == "1.0" and float(table["vaccine"]["step_ratio"]) > 0
     text = (out / "results.md").read_text()
     assert "worst-case HS" in text and "[" in text  # rates carry their intervals
+    sft_line = next(line for line in text.splitlines() if line.startswith("| sft | align |"))
+    assert "| wall s |" in text and float(sft_line.split("|")[-2]) > 0  # the alignment run's wall time
     assert (out / "worst_case.png").stat().st_size > 0 and (out / "hs_vs_fa.png").stat().st_size > 0
 
     messages: list[str] = []
