@@ -243,7 +243,7 @@ def write_table(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> None
     if table:
         write_csv(table, out / "results.csv")
     paper = next(iter(cfg.attacks))
-    lines = [f"| defense | stage | HS @{paper} | HS+ @{paper} | worst-case HS (attack, counted) | over-refusal | "
+    lines = [f"| defense | stage | HS @{paper} | HS+ @{paper} | worst-case HS (attack, counted) | over-refusal @{paper} | "
              f"FA @{paper} | task refused | step / SFT | peak GiB | wall s |", "|---" * 11 + "|"]
     for t in table:
         lines.append("| " + " | ".join([
@@ -264,30 +264,74 @@ def write_table(rows: list[dict[str, Any]], cfg: BenchConfig, out: Path) -> None
     plot_table(table, out)
 
 
+STAGE_COLORS = {"align": "tab:blue", "finetune": "tab:orange", "recover": "tab:green"}
+
+
+def stacked_label_heights(heights: list[float], gap: float) -> list[float]:
+    """Heights for labels stacked in a column beside the plot: each at its point's height unless that is within
+    `gap` of the label above, then just under it. Most alignment-stage defenses sit at FA 78-84, HS 77-92, where
+    labels beside their points would overprint."""
+    placed: dict[int, float] = {}
+    previous = math.inf
+    for i in sorted(range(len(heights)), key=lambda i: -heights[i]):
+        previous = min(heights[i], previous - gap)
+        placed[i] = previous
+    return [placed[i] for i in range(len(heights))]
+
+
+def _error_bar(value: float, ci: tuple[float, float] | None) -> list[list[float]] | None:
+    # at a rate of 0 or 100 the Wilson bound equals the rate up to rounding, which matplotlib rejects as negative
+    return None if ci is None else [[max(0.0, value - ci[0])], [max(0.0, ci[1] - value)]]
+
+
 def plot_table(table: list[dict[str, Any]], out: Path) -> None:
+    """hs_vs_fa.png: HS against FA under the papers' attack, with both Wilson intervals, so points whose bars cross
+    read as unranked. worst_case.png: each defense's worst-case HS against the band of SFT's own worst case."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for t in table:
-        if t["HS_paper"] is not None and t["FA_paper"] is not None:
-            ax.scatter(t["FA_paper"], t["HS_paper"])
-            ax.annotate(t["defense"], (t["FA_paper"], t["HS_paper"]), fontsize=7)
-    ax.set_xlabel("fine-tune accuracy % (papers' attack)")
-    ax.set_ylabel("harmful score % (papers' attack)")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    shown = [t for t in table if t["HS_paper"] is not None and t["FA_paper"] is not None]
+    column_x = max((t["FA_paper"] for t in shown), default=0.0) + 12
+    label_heights = stacked_label_heights([t["HS_paper"] for t in shown], gap=3.5)
+    labelled: set[str] = set()
+    for t, label_y in zip(shown, label_heights, strict=True):
+        x, y, color = t["FA_paper"], t["HS_paper"], STAGE_COLORS.get(t["stage"], "tab:gray")
+        ax.errorbar(x, y, xerr=_error_bar(x, t["FA_paper_ci"]), yerr=_error_bar(y, t["HS_paper_ci"]), fmt="o",
+                    color=color, elinewidth=0.6, capsize=2, label=None if t["stage"] in labelled else t["stage"])
+        labelled.add(t["stage"])
+        ax.annotate(t["defense"], (x, y), xytext=(column_x, label_y), fontsize=7, va="center", color=color,
+                    arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.4, "alpha": 0.6})
+    ax.set_xlim(right=column_x + 18)
+    ax.set_xlabel("fine-tune accuracy % (papers' attack, 95% CI)")
+    ax.set_ylabel("harmful score % (papers' attack, 95% CI)")
+    ax.legend(title="stage", fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(out / "hs_vs_fa.png", dpi=120)
     plt.close(fig)
 
     shown = [t for t in table if t["HS_worst"] is not None]
     fig, ax = plt.subplots(figsize=(7, 4))
+    undefended = next((t for t in shown if t["defense"] == UNDEFENDED and t["stage"] == "align"), None)
+    if undefended is not None:
+        ax.axhspan(*undefended["HS_worst_ci"], color="tab:red", alpha=0.15)
     ax.bar([t["defense"] for t in shown], [t["HS_worst"] for t in shown],
-           yerr=[[t["HS_worst"] - t["HS_worst_ci"][0] for t in shown],
-                 [t["HS_worst_ci"][1] - t["HS_worst"] for t in shown]] if shown else None, capsize=3)
+           color=[STAGE_COLORS.get(t["stage"], "tab:gray") for t in shown],
+           yerr=[[max(0.0, t["HS_worst"] - t["HS_worst_ci"][0]) for t in shown],
+                 [max(0.0, t["HS_worst_ci"][1] - t["HS_worst"]) for t in shown]] if shown else None, capsize=3)
     ax.set_ylabel("worst-case harmful score % (95% CI)")
     ax.tick_params(axis="x", rotation=45, labelsize=7)
+    from matplotlib.patches import Patch
+
+    stages = dict.fromkeys(t["stage"] for t in shown)
+    handles = [Patch(color=STAGE_COLORS.get(stage, "tab:gray"), label=stage) for stage in stages]
+    if undefended is not None:
+        handles.append(Patch(color="tab:red", alpha=0.15, label="SFT's worst case (95% CI)"))
+    if handles:
+        ax.legend(handles=handles, fontsize=7, ncol=len(handles), loc="lower center", bbox_to_anchor=(0.5, 1.0),
+                  frameon=False)
     fig.tight_layout()
     fig.savefig(out / "worst_case.png", dpi=120)
     plt.close(fig)

@@ -7,7 +7,15 @@ import math
 from pathlib import Path
 
 from bulwark.bench import load_bench_config
-from bulwark.table import aggregate, median_step_s, overlap, ranking_note, run_table, wilson
+from bulwark.table import (
+    aggregate,
+    median_step_s,
+    overlap,
+    ranking_note,
+    run_table,
+    stacked_label_heights,
+    wilson,
+)
 from tests.test_bench import tiny_bench
 
 
@@ -102,3 +110,13 @@ def test_table_runs_every_stage_and_resumes(tmp_path: Path, tiny_model_dir: Path
     messages: list[str] = []
     assert run_table(cfg, log=messages.append) == rows
     assert not any("->" in m and "skipped" not in m for m in messages if not m.startswith("[eval"))
+
+
+def test_chart_labels_stack_without_overprinting() -> None:
+    # the papers' attack puts sft, booster and booster+vaccine within 2 points of HS of each other
+    heights = [87.0, 77.0, 77.0, 89.0, 89.0, 20.0]
+    placed = stacked_label_heights(heights, gap=3.5)
+    assert placed[3] == 89.0 and placed[5] == 20.0  # a label alone stays at its point
+    assert all(label <= height for label, height in zip(placed, heights, strict=True))
+    ordered = sorted(placed, reverse=True)
+    assert all(upper - lower >= 3.5 - 1e-9 for upper, lower in zip(ordered, ordered[1:], strict=False))
