@@ -291,6 +291,7 @@ def plot_table(table: list[dict[str, Any]], out: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     fig, ax = plt.subplots(figsize=(8, 5))
     shown = [t for t in table if t["HS_paper"] is not None and t["FA_paper"] is not None]
@@ -307,24 +308,23 @@ def plot_table(table: list[dict[str, Any]], out: Path) -> None:
     ax.set_xlim(right=column_x + 18)
     ax.set_xlabel("fine-tune accuracy % (papers' attack, 95% CI)")
     ax.set_ylabel("harmful score % (papers' attack, 95% CI)")
-    ax.legend(title="stage", fontsize=7, loc="lower left")
+    ax.legend(title="stage", fontsize=7, loc="best")
     fig.tight_layout()
     fig.savefig(out / "hs_vs_fa.png", dpi=120)
     plt.close(fig)
 
     shown = [t for t in table if t["HS_worst"] is not None]
+    bars = [_error_bar(t["HS_worst"], t["HS_worst_ci"]) or [[0.0], [0.0]] for t in shown]
     fig, ax = plt.subplots(figsize=(7, 4))
-    undefended = next((t for t in shown if t["defense"] == UNDEFENDED and t["stage"] == "align"), None)
+    undefended = next((t for t in shown if t["defense"] == UNDEFENDED and t["stage"] == "align"
+                       and t["HS_worst_ci"] is not None), None)
     if undefended is not None:
         ax.axhspan(*undefended["HS_worst_ci"], color="tab:red", alpha=0.15)
     ax.bar([t["defense"] for t in shown], [t["HS_worst"] for t in shown],
            color=[STAGE_COLORS.get(t["stage"], "tab:gray") for t in shown],
-           yerr=[[max(0.0, t["HS_worst"] - t["HS_worst_ci"][0]) for t in shown],
-                 [max(0.0, t["HS_worst_ci"][1] - t["HS_worst"]) for t in shown]] if shown else None, capsize=3)
+           yerr=[[bar[0][0] for bar in bars], [bar[1][0] for bar in bars]] if shown else None, capsize=3)
     ax.set_ylabel("worst-case harmful score % (95% CI)")
     ax.tick_params(axis="x", rotation=45, labelsize=7)
-    from matplotlib.patches import Patch
-
     stages = dict.fromkeys(t["stage"] for t in shown)
     handles = [Patch(color=STAGE_COLORS.get(stage, "tab:gray"), label=stage) for stage in stages]
     if undefended is not None:
