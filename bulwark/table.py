@@ -314,15 +314,14 @@ def plot_table(table: list[dict[str, Any]], out: Path) -> None:
     plt.close(fig)
 
     shown = [t for t in table if t["HS_worst"] is not None]
-    bars = [_error_bar(t["HS_worst"], t["HS_worst_ci"]) or [[0.0], [0.0]] for t in shown]
     fig, ax = plt.subplots(figsize=(7, 4))
     undefended = next((t for t in shown if t["defense"] == UNDEFENDED and t["stage"] == "align"
                        and t["HS_worst_ci"] is not None), None)
     if undefended is not None:
         ax.axhspan(*undefended["HS_worst_ci"], color="tab:red", alpha=0.15)
-    ax.bar([t["defense"] for t in shown], [t["HS_worst"] for t in shown],
-           color=[STAGE_COLORS.get(t["stage"], "tab:gray") for t in shown],
-           yerr=[[bar[0][0] for bar in bars], [bar[1][0] for bar in bars]] if shown else None, capsize=3)
+    for t in shown:
+        ax.bar(t["defense"], t["HS_worst"], color=STAGE_COLORS.get(t["stage"], "tab:gray"),
+               yerr=_error_bar(t["HS_worst"], t["HS_worst_ci"]), capsize=3)
     ax.set_ylabel("worst-case harmful score % (95% CI)")
     ax.tick_params(axis="x", rotation=45, labelsize=7)
     stages = dict.fromkeys(t["stage"] for t in shown)
