@@ -54,6 +54,14 @@ CPU_MALLOC_ENV = {
     "MALLOC_MMAP_MAX_": "0",
 }
 
+# libgomp (torch's OpenMP on Linux) spins 300,000 rounds before a waiting thread sleeps. When another job
+# shares the cores, those spins take the cores the other's threads need: two SmolLM2 training jobs on 2 cores
+# ran about 21 s a step each against 2.6-3.1 alone, two evals 231-350 s each against 50-54. With 1,000 rounds:
+# 5.2-5.8 s and 93-98 s, near no spin at all (OMP_WAIT_POLICY=passive), and nothing lost alone, where passive
+# costs an eval 15-25% (bench/omp_wait_policy.py, docs/BENCHMARKS.md "OpenMP spin").
+CPU_SPIN_ROUNDS = "1000"
+OPENMP_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
 
 def recipe(stage: str) -> Any:
     if stage not in STAGES:
@@ -177,9 +185,27 @@ def rank_env(env: dict[str, str], nproc: int) -> dict[str, str]:
 
 def with_cpu_rank_env(env: dict[str, str], nproc: int) -> dict[str, str]:
     """`env` plus what CPU ranks under torchrun need, where the user has not set it: the cores shared
-    among the ranks (torchrun pins every rank to one thread) and freed memory kept in the heap."""
+    among the ranks (torchrun pins every rank to one thread), freed memory kept in the heap, and a short
+    OpenMP spin. A user's OMP_WAIT_POLICY alone keeps the spin unset: libgomp lets GOMP_SPINCOUNT override it."""
     cpu = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **CPU_MALLOC_ENV}
-    return {**cpu, **env}
+    return {**cpu, **with_short_openmp_spin(env)}
+
+
+def with_short_openmp_spin(env: dict[str, str]) -> dict[str, str]:
+    """`env` with GOMP_SPINCOUNT=CPU_SPIN_ROUNDS unless the user chose a wait: a user's OMP_WAIT_POLICY
+    alone keeps it unset, because libgomp lets GOMP_SPINCOUNT override OMP_WAIT_POLICY."""
+    if any(name in env for name in OPENMP_WAIT_VARIABLES):
+        return dict(env)
+    return {**env, "GOMP_SPINCOUNT": CPU_SPIN_ROUNDS}
+
+
+def spin_briefly_in_this_process() -> None:
+    """The short OpenMP spin for work the `bulwark` process does itself (an eval at one rank, the bench's evals,
+    judge training), on a machine without a GPU. libgomp reads its variables once, when torch loads it, so
+    this runs before anything imports torch. A GPU machine keeps its environment, as its ranks do."""
+    if any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/kfd")):
+        return
+    os.environ.update(with_short_openmp_spin(dict(os.environ)))
 
 
 RESOLVED_PREFIX = "bulwark-resolved-"

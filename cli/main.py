@@ -6,6 +6,9 @@ from __future__ import annotations
 import typer
 
 from bulwark.errors import BulwarkInputError
+from bulwark.launch import spin_briefly_in_this_process
+
+spin_briefly_in_this_process()  # before any command imports torch
 
 app = typer.Typer(
     help="Bulwark: keep a model safe while strangers fine-tune it (align -> finetune -> recover -> eval).",

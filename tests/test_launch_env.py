@@ -3,7 +3,9 @@ left unset, and a value the user set wins (docs/DESIGN.md, "Heap kept")."""
 
 from __future__ import annotations
 
-from bulwark.launch import CPU_MALLOC_ENV, with_cpu_rank_env
+import os
+
+from bulwark.launch import CPU_MALLOC_ENV, CPU_SPIN_ROUNDS, with_cpu_rank_env
 
 
 def test_launcher_settings_fill_in_and_user_settings_win() -> None:
@@ -12,6 +14,27 @@ def test_launcher_settings_fill_in_and_user_settings_win() -> None:
     assert {k: env[k] for k in CPU_MALLOC_ENV if k != "MALLOC_MMAP_MAX_"} == {
         "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(4 * 2**30), "MALLOC_TOP_PAD_": str(2**30)}
     assert with_cpu_rank_env({}, nproc=1)["MALLOC_MMAP_MAX_"] == "0"
+
+
+def test_openmp_spins_briefly_unless_the_user_chose_a_wait() -> None:
+    assert with_cpu_rank_env({}, nproc=1)["GOMP_SPINCOUNT"] == CPU_SPIN_ROUNDS
+    assert with_cpu_rank_env({"GOMP_SPINCOUNT": "50"}, nproc=1)["GOMP_SPINCOUNT"] == "50"
+    # libgomp lets GOMP_SPINCOUNT override OMP_WAIT_POLICY: setting it would undo the user's choice
+    chosen = with_cpu_rank_env({"OMP_WAIT_POLICY": "active"}, nproc=1)
+    assert chosen["OMP_WAIT_POLICY"] == "active" and "GOMP_SPINCOUNT" not in chosen
+
+
+def test_the_launcher_gives_cpu_ranks_the_short_spin() -> None:
+    """What _spawn hands torchrun on a CPU machine, not only the helper's output."""
+    import pytest
+    import torch
+
+    from bulwark.launch import rank_env
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU machine ranks get the environment as it is")
+    env = rank_env({"PATH": "/bin"}, nproc=2)
+    assert env["GOMP_SPINCOUNT"] == CPU_SPIN_ROUNDS and env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
 
 
 def test_a_rank_is_torchruns_or_bulwarks_never_slurm_procid_alone() -> None:
@@ -82,3 +105,25 @@ def test_eval_and_recover_ranks_get_resolved_files(tmp_path, tiny_model_dir, dat
         assert argv[1:] == [] and Path(argv[0]).read_text() == recover_config_text(load_recover_config(None, given))
     finally:
         Path(argv[0]).unlink()
+
+
+def test_the_bulwark_process_spins_briefly_before_torch_loads(tmp_path) -> None:
+    """An eval at one rank runs in the `bulwark` process itself: the setting must be in its environment
+    before torch (and libgomp, which reads it once) is loaded."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    if any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/kfd")):
+        pytest.skip("a GPU machine keeps its environment")
+    probe = "import os, sys, cli.main; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
+    root = str(Path(__file__).resolve().parents[1])
+    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base["PYTHONPATH"] = root
+    out = subprocess.run([sys.executable, "-c", probe], env=base, capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split() == [CPU_SPIN_ROUNDS, "False"]
+    out = subprocess.run([sys.executable, "-c", probe], env={**base, "OMP_WAIT_POLICY": "passive"},
+                         capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.split() == ["None", "False"]
