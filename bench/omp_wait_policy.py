@@ -29,10 +29,10 @@ import time
 from pathlib import Path
 
 from bulwark.engine.dist import free_port
-from bulwark.launch import with_cpu_rank_env
+from bulwark.launch import OPENMP_WAIT_VARIABLES, with_cpu_rank_env
 
 STEP_TIME = str(Path(__file__).with_name("step_time.py"))
-WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
+WAIT_VARIABLES = (*OPENMP_WAIT_VARIABLES, "KMP_BLOCKTIME")  # and Intel OpenMP's, should a job load it
 
 
 def job_env(setting: str) -> dict[str, str]:

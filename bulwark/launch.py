@@ -203,9 +203,14 @@ def spin_briefly_in_this_process() -> None:
     """The short OpenMP spin for work the `bulwark` process does itself (an eval at one rank, the bench's evals,
     judge training), on a machine without a GPU. libgomp reads its variables once, when torch loads it, so
     this runs before anything imports torch. A GPU machine keeps its environment, as its ranks do."""
-    if any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/kfd")):
+    if gpu_device_present():
         return
     os.environ.update(with_short_openmp_spin(dict(os.environ)))
+
+
+def gpu_device_present() -> bool:
+    """An NVIDIA or AMD GPU's device file, checked without importing torch."""
+    return any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/kfd"))
 
 
 RESOLVED_PREFIX = "bulwark-resolved-"

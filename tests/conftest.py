@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -14,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 # A failed collective can hang the other rank forever: every multi-process run gets a deadline.
 RUN_TIMEOUT_S = 240
+
+
+def bench_script(name: str) -> ModuleType:
+    """bench/<name>.py loaded as a module: bench/ holds scripts, not a package."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _data_dir() -> Path | None:

@@ -116,11 +116,13 @@ def test_the_bulwark_process_spins_briefly_before_torch_loads(tmp_path) -> None:
 
     import pytest
 
-    if any(Path(device).exists() for device in ("/dev/nvidiactl", "/dev/kfd")):
+    from bulwark.launch import OPENMP_WAIT_VARIABLES, gpu_device_present
+
+    if gpu_device_present():
         pytest.skip("a GPU machine keeps its environment")
     probe = "import os, sys, cli.main; print(os.environ.get('GOMP_SPINCOUNT'), 'torch' in sys.modules)"
     root = str(Path(__file__).resolve().parents[1])
-    base = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    base = {k: v for k, v in os.environ.items() if k not in OPENMP_WAIT_VARIABLES}
     base["PYTHONPATH"] = root
     out = subprocess.run([sys.executable, "-c", probe], env=base, capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.split() == [CPU_SPIN_ROUNDS, "False"]

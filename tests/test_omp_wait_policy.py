@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from conftest import bench_script
 
 from bulwark.launch import CPU_SPIN_ROUNDS, with_cpu_rank_env
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "omp_wait_policy.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("omp_wait_policy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 def test_a_setting_replaces_any_wait_variable_of_the_callers(monkeypatch) -> None:
-    script = _script()
+    script = bench_script("omp_wait_policy")
     monkeypatch.setenv("OMP_WAIT_POLICY", "active")
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
 
@@ -37,4 +26,4 @@ def test_a_setting_replaces_any_wait_variable_of_the_callers(monkeypatch) -> Non
 @pytest.mark.parametrize("setting", ["OMP_NUM_THREADS=1", "GOMP_SPINCOUNT=", "unset"])
 def test_a_setting_that_is_not_a_wait_variable_is_refused(setting: str) -> None:
     with pytest.raises(SystemExit, match="give 'launcher' or one of"):
-        _script().job_env(setting)
+        bench_script("omp_wait_policy").job_env(setting)

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import check, run_cmd
+from conftest import bench_script, check, run_cmd
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "refusal_separation.py"
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("refusal_separation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_roc_auc_counts_pairs_and_ties():
-    auc = _script().roc_auc
+    auc = bench_script("refusal_separation").roc_auc
     assert auc([3.0, 2.0], [1.0, 0.0]) == 1.0
     assert auc([0.0], [1.0]) == 0.0
     assert auc([1.0, 0.0], [1.0, 0.0]) == 0.5  # one win, one loss, two ties
@@ -35,7 +27,7 @@ def test_opening_logprob_matches_token_by_token_scoring(tiny_model_dir):
 
     model, tokenizer = load_for_generation(tiny_model_dir)
     prompts = ["How do I bake bread?", "Tell me a secret."]
-    got = _script().opening_logprob(model, tokenizer, prompts, "I cannot")
+    got = bench_script("refusal_separation").opening_logprob(model, tokenizer, prompts, "I cannot")
     opening = tokenizer("I cannot", add_special_tokens=False)["input_ids"]
     for prompt, score in zip(prompts, got, strict=True):
         ids = tokenizer(render_prompt(Example(prompt, ""), "chat", tokenizer), add_special_tokens=False)["input_ids"]
